@@ -30,7 +30,7 @@ class ElementwiseFeatureMap(nn.Module):
             return F.relu(x)
         return x
 
-    def redraw(self):
+    def redraw(self, generator=None):
         pass
 
     def extra_repr(self):
@@ -52,7 +52,7 @@ class DPFP(nn.Module):
         r = torch.cat([F.relu(x), F.relu(-x)], dim=-1)
         return torch.cat([r * torch.roll(r, shifts=j, dims=-1) for j in range(1, self.nu + 1)], dim=-1)
 
-    def redraw(self):
+    def redraw(self, generator=None):
         pass
 
     def extra_repr(self):
@@ -87,14 +87,15 @@ class FavorPlus(nn.Module):
         self.register_buffer("projection", orthogonal_gaussian_matrix(num_features, head_dim))
 
     @torch.no_grad()
-    def redraw(self):
-        fresh = orthogonal_gaussian_matrix(*self.projection.shape, device=self.projection.device)
-        self.projection.copy_(fresh.to(self.projection.dtype))
+    def redraw(self, generator=None):
+        """New random features; pass a seeded CPU `generator` to make the draw reproducible across processes."""
+        fresh = orthogonal_gaussian_matrix(*self.projection.shape, generator=generator)
+        self.projection.copy_(fresh.to(self.projection.device, self.projection.dtype))
 
     def forward(self, x):
-        # exp in fp32: half precision overflows quickly here.
-        x32 = x.float()
-        u = x32 @ self.projection.float().T
+        # exp in (at least) fp32: half precision overflows quickly here.
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        u = x32 @ self.projection.to(x32.dtype).T
         half_sq_norm = 0.5 * x32.pow(2).sum(-1, keepdim=True)
         # 1e-4 as in the official LM code, so no feature is exactly zero.
         phi = torch.cat([torch.exp(u - half_sq_norm), torch.exp(-u - half_sq_norm)], dim=-1) + 1e-4

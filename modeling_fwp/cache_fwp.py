@@ -1,0 +1,143 @@
+"""FWPCache: the constant-size recurrent state of a fast weight programmer, as a transformers `Cache`.
+
+Per layer it holds the fast weights [N, H, K, V] (always float32, float64 for float64 models), the z accumulator
+[N, H, K] when attention normalisation is on, the short-convolution tail [N, conv_size - 1, C] when short convs are
+on, and the layer's own token counters. Nothing in it grows with the number of tokens seen.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache
+
+
+@dataclass
+class FWPLayerState:
+    """One layer's state. `seen_tokens` counts input columns (pads included: what generate() slices by);
+    `row_tokens` counts each row's real tokens (what positions continue from under left padding)."""
+
+    fast_weights: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+    conv_tail: torch.Tensor | None = None
+    seen_tokens: int = 0
+    row_tokens: torch.Tensor | None = None
+
+    def tensors(self):
+        return [t for t in (self.fast_weights, self.z, self.conv_tail, self.row_tokens) if t is not None]
+
+    def map_rows(self, fn):
+        """Applies `fn` to the batch dimension of every tensor (beam reordering, repeats, selection)."""
+        for name in ("fast_weights", "z", "conv_tail", "row_tokens"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, fn(value))
+
+
+class FWPCache(Cache):
+    """The per-layer fast-weight states of an FWP model.
+
+    The model creates it when `use_cache` is on (generate() never falls back to a DynamicCache), fills it in a forward
+    over any number of tokens and continues from it in the next forward: chunked prefill, decoding and multi-turn
+    continuation all read and write the same state. Row `i` belongs to batch row `i` (or to packed sequence `i`).
+    """
+
+    is_compileable = False
+
+    def __init__(self, num_hidden_layers: int | None = None, config=None):
+        if num_hidden_layers is None:
+            if config is None:
+                raise ValueError("FWPCache needs `num_hidden_layers` or `config`.")
+            num_hidden_layers = config.num_hidden_layers
+        super().__init__(layers=[FWPLayerState() for _ in range(num_hidden_layers)])
+
+    # --- what the model uses -------------------------------------------------------------------------------------
+    def __getitem__(self, layer_idx: int) -> FWPLayerState:
+        return self.layers[layer_idx]
+
+    def row_tokens(self, layer_idx: int = 0) -> torch.Tensor | None:
+        return self.layers[layer_idx].row_tokens
+
+    def write(self, layer_idx: int, fast_weights, z, conv_tail, new_columns: int, new_row_tokens: torch.Tensor):
+        """Stores a layer's new state after it has consumed `new_columns` input columns."""
+        layer = self.layers[layer_idx]
+        layer.fast_weights, layer.z, layer.conv_tail = fast_weights, z, conv_tail
+        layer.seen_tokens += new_columns
+        layer.row_tokens = new_row_tokens if layer.row_tokens is None else layer.row_tokens + new_row_tokens
+
+    def detach(self) -> "FWPCache":
+        """A copy cut from the autograd graph: carry it into the next training segment (truncated backprop)."""
+        copy = FWPCache(len(self.layers))
+        for source, target in zip(self.layers, copy.layers):
+            target.fast_weights = None if source.fast_weights is None else source.fast_weights.detach()
+            target.z = None if source.z is None else source.z.detach()
+            target.conv_tail = None if source.conv_tail is None else source.conv_tail.detach()
+            target.row_tokens = None if source.row_tokens is None else source.row_tokens.clone()
+            target.seen_tokens = source.seen_tokens
+        return copy
+
+    def state_nbytes(self) -> int:
+        """Bytes held by all tensors of the cache (constant in the context length)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+
+    # --- the transformers Cache API ------------------------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if layer_idx >= len(self.layers):
+            return 0
+        return self.layers[layer_idx].seen_tokens
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1  # no maximum: the state has the same size for any length
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return query_length, 0
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        return self.layers[layer_idx or 0].fast_weights is not None
+
+    @property
+    def is_initialized(self) -> bool:
+        return any(layer.fast_weights is not None for layer in self.layers)
+
+    @property
+    def batch_size(self) -> int:
+        for layer in self.layers:
+            if layer.fast_weights is not None:
+                return layer.fast_weights.shape[0]
+        return -1
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batch_size
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        for layer in self.layers:
+            layer.map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        for layer in self.layers:
+            layer.map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        for layer in self.layers:
+            layer.map_rows(lambda t: t[indices.to(t.device)])
+
+    def crop(self, max_length: int):
+        seen = self.get_seq_length()
+        keep = seen + max_length if max_length < 0 else max_length
+        if keep >= seen:
+            return  # nothing to remove
+        raise ValueError(
+            f"FWPCache cannot be cropped to {keep} of its {seen} tokens: a fast-weight state is a sum over all tokens "
+            "seen and cannot be rolled back. Re-run the prompt instead (assisted/speculative decoding and contrastive "
+            "search that need cropping are not supported)."
+        )
+
+    def reset(self):
+        for i in range(len(self.layers)):
+            self.layers[i] = FWPLayerState()
+
+    def __repr__(self):
+        return f"FWPCache(layers={len(self.layers)}, seen_tokens={self.get_seq_length()}, bytes={self.state_nbytes()})"
+
+
+__all__ = ["FWPCache", "FWPLayerState"]

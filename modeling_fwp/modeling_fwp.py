@@ -1,0 +1,466 @@
+"""Delta-rule Fast Weight Programmers (Schlag, Irie & Schmidhuber, ICML 2021) for Hugging Face Transformers.
+
+A layer turns each token into a key, a value, a query and (delta rule) a learning rate beta, maps keys and queries
+through a feature map phi, normalises them, and writes/reads a per-head fast-weight matrix with the update rule in
+`ops.py`. Padding and packed documents are handled by *unpadding*: the real tokens of all rows are laid end to end
+with `cu_seqlens` boundaries, so a pad token never reaches the fast weights, the convolution tail or the positions.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .cache_fwp import FWPCache
+from .configuration_fwp import FWPConfig
+from .feature_maps import build_feature_map, normalize_qk
+from .ops import delta_rule, sum_rule
+
+try:  # transformers >= 5: init functions that respect already-loaded weights
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover
+    from torch.nn import init
+
+try:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # pragma: no cover
+    GradientCheckpointingLayer = nn.Module
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sequence layout: padded batch rows or packed documents, unpadded into one stream with boundaries
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class SequenceLayout:
+    """How the tokens of a forward are laid out for the layers.
+
+    Either `cu_seqlens` is None and hidden states stay [B, T, D] (every row is one sequence, no padding), or the
+    real tokens are packed into [1, total, D] with `cu_seqlens` marking the N sequences (`unpad_index` maps them back
+    to the flattened [B*T] grid). `positions` counts each token's place in its own sequence, continuing from the
+    cache; `row_tokens` is how many real tokens each of the N sequences adds in this forward.
+    """
+
+    batch_size: int
+    seq_len: int
+    positions: torch.Tensor
+    row_tokens: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+    unpad_index: torch.Tensor | None = None
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unpad_index is None:
+            return x
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.unpad_index).unsqueeze(0)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unpad_index is None:
+            return x
+        out = x.new_zeros(self.batch_size * self.seq_len, *x.shape[2:])
+        out = out.index_copy(0, self.unpad_index, x[0])
+        return out.view(self.batch_size, self.seq_len, *x.shape[2:])
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Packed documents in one row (DataCollatorWithFlattening): a new document starts wherever the position does not
+    continue the previous one. Returns None for a single document."""
+    pos = position_ids[0]
+    starts = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
+    if starts.numel() == 0:
+        return None
+    bounds = [torch.zeros(1, dtype=starts.dtype, device=pos.device), starts,
+              torch.tensor([pos.numel()], dtype=starts.dtype, device=pos.device)]
+    return torch.cat(bounds).to(torch.int32)
+
+
+def build_layout(batch_size, seq_len, device, attention_mask=None, cu_seqlens=None, position_ids=None,
+                 past_row_tokens=None) -> SequenceLayout:
+    if cu_seqlens is None and position_ids is not None and batch_size == 1 and attention_mask is None and seq_len > 1:
+        cu_seqlens = cu_seqlens_from_position_ids(position_ids)
+    if cu_seqlens is not None:
+        if batch_size != 1:
+            raise ValueError(f"cu_seqlens (packed documents) needs a batch of one row; got batch size {batch_size}.")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("Pass either cu_seqlens (packed documents) or a padding attention_mask, not both.")
+        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != seq_len or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to the sequence length {seq_len}; got {cu_seqlens.tolist()}.")
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        seq_index = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
+        offsets = torch.arange(seq_len, device=device) - cu_seqlens[:-1].long()[seq_index]
+        past = 0 if past_row_tokens is None else past_row_tokens.to(device)[seq_index]
+        positions = (offsets + past).unsqueeze(0)
+        return SequenceLayout(1, seq_len, positions, lengths, cu_seqlens=cu_seqlens,
+                              unpad_index=torch.arange(seq_len, device=device))
+
+    past = torch.zeros(batch_size, dtype=torch.long, device=device) if past_row_tokens is None else past_row_tokens.to(device)
+    if attention_mask is None or bool(attention_mask.all()):
+        positions = past[:, None] + torch.arange(seq_len, device=device)[None]
+        row_tokens = torch.full((batch_size,), seq_len, dtype=torch.long, device=device)
+        return SequenceLayout(batch_size, seq_len, positions, row_tokens)
+
+    mask = attention_mask.to(device).bool()
+    row_tokens = mask.sum(dim=1)
+    cu = torch.zeros(batch_size + 1, dtype=torch.int32, device=device)
+    cu[1:] = torch.cumsum(row_tokens, 0)
+    unpad_index = torch.nonzero(mask.flatten()).flatten()
+    positions = (past[:, None] + torch.cumsum(mask.long(), dim=1) - 1).flatten()[unpad_index].unsqueeze(0)
+    return SequenceLayout(batch_size, seq_len, positions, row_tokens, cu_seqlens=cu, unpad_index=unpad_index)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Small modules
+# ----------------------------------------------------------------------------------------------------------------------
+class FWPRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        x32 = x.to(dtype)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.to(dtype) * x32).to(x.dtype)
+
+
+def rotary_embed(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotates pairs (i, i + d/2) of x [b, t, H, d] by angles positions * theta^(-2i/d), computed in fp32."""
+    dim, dtype = x.shape[-1], torch.promote_types(x.dtype, torch.float32)
+    inv_freq = theta ** (-torch.arange(0, dim, 2, device=x.device, dtype=dtype) / dim)
+    angles = positions.to(dtype)[..., None] * inv_freq  # [b, t, d/2]
+    cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
+    x1, x2 = x.to(dtype).chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def sinusoidal_embedding(positions: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
+    inv_freq = theta ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    angles = positions.float()[..., None] * inv_freq
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class ShortConvolution(nn.Module):
+    """Causal depthwise convolution over time with SiLU. Each sequence sees only its own past tokens and, when
+    decoding, its own cached tail of the last `kernel_size - 1` inputs."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.zeros(channels, kernel_size))
+
+    def forward(self, x, cu_seqlens=None, tail=None):
+        width = self.kernel_size - 1
+        if cu_seqlens is None:
+            if tail is None:
+                tail = x.new_zeros(x.shape[0], width, x.shape[2])
+            extended = torch.cat([tail.to(x.dtype), x], dim=1)
+            y = self._conv(extended)
+            return F.silu(y), extended[:, -width:]
+        # Packed: give every sequence its own `width` tail slots, convolve the whole stream once, drop the slots.
+        num_seqs = cu_seqlens.numel() - 1
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        token_seq = torch.repeat_interleave(torch.arange(num_seqs, device=x.device), lengths)
+        token_slot = torch.arange(x.shape[1], device=x.device) + width * (token_seq + 1)
+        tail_start = cu_seqlens[:-1].long() + width * torch.arange(num_seqs, device=x.device)
+        tail_slot = (tail_start[:, None] + torch.arange(width, device=x.device)[None]).flatten()
+        extended = x.new_zeros(1, x.shape[1] + width * num_seqs, x.shape[2])
+        if tail is not None:
+            extended[0, tail_slot] = tail.reshape(-1, x.shape[2]).to(x.dtype)
+        extended[0, token_slot] = x[0]
+        y = self._conv(extended)  # y[j] is the output for the input at slot j + width
+        out = y[:, token_slot - width]
+        end = tail_start + width + lengths  # one past each sequence's last slot
+        new_tail = extended[0, (end[:, None] - width + torch.arange(width, device=x.device)[None]).flatten()]
+        return F.silu(out), new_tail.view(num_seqs, width, x.shape[2])
+
+    def _conv(self, extended):
+        weight = self.weight.to(extended.dtype).unsqueeze(1)  # [C, 1, k]
+        return F.conv1d(extended.transpose(1, 2), weight, groups=weight.shape[0]).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The fast weight layer
+# ----------------------------------------------------------------------------------------------------------------------
+class FWPAttention(nn.Module):
+    """One fast weight programmer layer: the slow projections program the per-head fast weights with the update rule
+    (delta or sum), and the queries read them. Replaces softmax attention; its state has a fixed size."""
+
+    def __init__(self, config: FWPConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        inner = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        if config.update_rule == "delta" and config.use_beta:
+            self.b_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)
+        if config.use_short_conv:
+            self.conv = ShortConvolution(3 * inner, config.conv_size)
+        self.feature_map = build_feature_map(config.feature_map, self.head_dim, config.dpfp_nu, config.favor_features)
+        if config.use_output_norm:
+            self.o_norm = FWPRMSNorm(self.head_dim, eps=config.layer_norm_eps)
+        self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
+
+    def forward(self, x, layout: SequenceLayout, fast_weights=None, z=None, conv_tail=None, want_state=False):
+        b, t, _ = x.shape
+        cfg = self.config
+        acc = torch.promote_types(x.dtype, torch.float32)  # beta and the normalisers never go below fp32
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        new_tail = None
+        if cfg.use_short_conv:
+            qkv, new_tail = self.conv(torch.cat([q, k, v], dim=-1), layout.cu_seqlens, conv_tail)
+            q, k, v = qkv.chunk(3, dim=-1)
+        q, k, v = (y.view(b, t, self.num_heads, self.head_dim) for y in (q, k, v))
+        if cfg.position_embedding == "rotary":
+            q, k = rotary_embed(q, layout.positions, cfg.rope_theta), rotary_embed(k, layout.positions, cfg.rope_theta)
+        q = normalize_qk(self.feature_map(q), cfg.qk_norm, cfg.qk_norm_eps)
+        k = normalize_qk(self.feature_map(k), cfg.qk_norm, cfg.qk_norm_eps)
+        scale = self.head_dim ** -0.5  # the paper scales the read-out by 1/sqrt(d_head), whatever phi's size
+        common = dict(cu_seqlens=layout.cu_seqlens, backend=cfg.kernel_backend, chunk_size=cfg.chunk_size)
+
+        new_z = None
+        if cfg.attention_normalization:
+            q_denominator, k_denominator, new_z = self._z_denominators(q, k, z, want_state, common, acc)
+        if cfg.update_rule == "delta":
+            beta = torch.sigmoid(self.b_proj(x).to(acc)) if cfg.use_beta else x.new_ones(b, t, self.num_heads, dtype=acc)
+            if cfg.attention_normalization:
+                # Normalised retrieval v_bar = S^T k / d with d = z_{t-1}.k_t (Eqs. 26-28; d = 1 at a sequence's first
+                # token). u = beta (v - S^T k / d) = (beta / d) (d v - S^T k): the plain delta rule with those inputs.
+                d = torch.where(layout.positions[..., None] == 0, torch.ones_like(k_denominator),
+                                k_denominator + cfg.qk_norm_eps)
+                beta, v = beta / d, v * d.to(v.dtype)[..., None]
+            o, fast_weights = delta_rule(q, k, v, beta, scale=scale, initial_state=fast_weights,
+                                         output_final_state=want_state, **common)
+        else:
+            o, fast_weights = sum_rule(q, k, v, scale=scale, initial_state=fast_weights,
+                                       output_final_state=want_state, **common)
+        if cfg.attention_normalization:
+            o = (o.to(acc) / (q_denominator[..., None] + cfg.qk_norm_eps)).to(o.dtype)
+        if cfg.use_output_norm:
+            o = self.o_norm(o)
+        return self.o_proj(o.reshape(b, t, -1)), fast_weights, new_z, new_tail
+
+    @staticmethod
+    def _z_denominators(q, k, z, want_state, common, acc):
+        """z_t . q_t and z_{t-1} . k_t for the attention normalisation. z_t = z_0 + sum_{j<=t} k_j is a sum-rule fast
+        weight whose value is the constant 1, so the same op (and its packing and cache handling) computes it."""
+        ones = torch.ones(*k.shape[:-1], 1, dtype=k.dtype, device=k.device)
+        z0 = None if z is None else z[..., None]
+        both_q = torch.cat([q, k], dim=2)  # read with q and with k in one call
+        both_k, both_ones = torch.cat([k, k], dim=2), torch.cat([ones, ones], dim=2)
+        z0_both = None if z0 is None else torch.cat([z0, z0], dim=1)
+        reads, z_state = sum_rule(both_q, both_k, both_ones, scale=1.0, initial_state=z0_both,
+                                  output_final_state=want_state, **common)
+        heads = q.shape[2]
+        q_den = reads[:, :, :heads, 0].to(acc)
+        k_den = reads[:, :, heads:, 0].to(acc) - (k.to(acc) ** 2).sum(-1)  # z_t.k_t - k_t.k_t = z_{t-1}.k_t
+        new_z = None if z_state is None else z_state[:, :heads, :, 0]
+        return q_den, k_den, new_z
+
+
+class FWPFeedForward(nn.Module):
+    """post_ln: the paper's Transformer-XL position-wise ReLU network; pre_norm: SwiGLU as in modern DeltaNet."""
+
+    def __init__(self, config: FWPConfig):
+        super().__init__()
+        self.gated = config.block_style == "pre_norm"
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=not self.gated)
+        if self.gated:
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=not self.gated)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        hidden = F.silu(self.gate_proj(x)) * self.up_proj(x) if self.gated else F.relu(self.up_proj(x))
+        return self.down_proj(self.dropout(hidden))
+
+
+class FWPBlock(GradientCheckpointingLayer):
+    """A fast weight layer and a feed-forward network, with post-LayerNorm (the paper) or pre-RMSNorm residuals.
+
+    The states go in and come out as plain tensors (the model writes them to the cache), so gradient checkpointing
+    can recompute the block without touching the cache."""
+
+    def __init__(self, config: FWPConfig, layer_idx: int):
+        super().__init__()
+        self.pre_norm = config.block_style == "pre_norm"
+        self.attn = FWPAttention(config, layer_idx)
+        self.mlp = FWPFeedForward(config)
+        norm = FWPRMSNorm if self.pre_norm else nn.LayerNorm
+        self.attn_norm = norm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp_norm = norm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden, layout=None, fast_weights=None, z=None, conv_tail=None, want_state=False):
+        if self.pre_norm:
+            out, fast_weights, z, conv_tail = self.attn(self.attn_norm(hidden), layout, fast_weights, z, conv_tail, want_state)
+            hidden = hidden + self.dropout(out)
+            hidden = hidden + self.dropout(self.mlp(self.mlp_norm(hidden)))
+        else:
+            out, fast_weights, z, conv_tail = self.attn(hidden, layout, fast_weights, z, conv_tail, want_state)
+            hidden = self.attn_norm(hidden + self.dropout(out))
+            hidden = self.mlp_norm(hidden + self.dropout(self.mlp(hidden)))
+        return hidden, fast_weights, z, conv_tail
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+class FWPPreTrainedModel(PreTrainedModel):
+    config_class = FWPConfig
+    config: FWPConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FWPBlock"]
+    _is_stateful = True
+    _supports_cache_class = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, ShortConvolution):
+            # Start as (almost) the identity on the current token so q, k, v keep their scale.
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            with torch.no_grad():
+                module.weight[:, -1] += 1.0
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model builds its own FWPCache
+
+
+class FWPModel(FWPPreTrainedModel):
+    def __init__(self, config: FWPConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList([FWPBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = FWPRMSNorm(config.hidden_size, config.layer_norm_eps) if config.block_style == "pre_norm" else None
+        self.gradient_checkpointing = False
+        self._favor_draws = 0
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _redraw_random_features(self):
+        """FAVOR+ draws a new random matrix for every training batch (PAPER.md 1d). The draw is seeded by a counter so
+        every data-parallel replica draws the same matrix."""
+        self._favor_draws += 1
+        for layer in self.layers:
+            generator = torch.Generator().manual_seed(1_000_003 * self._favor_draws + layer.attn.layer_idx)
+            layer.attn.feature_map.redraw(generator)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                use_cache=None, output_hidden_states=None, return_dict=None, cu_seqlens=None, cu_seq_lens_q=None,
+                **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be a 2-D [batch, seq_len] 0/1 mask; got shape {tuple(attention_mask.shape)}.")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if attention_mask is not None and attention_mask.shape[1] > seq_len:
+            attention_mask = attention_mask[:, -seq_len:]  # generate() passes the mask of the whole history
+        if past_key_values is not None and not isinstance(past_key_values, FWPCache):
+            raise TypeError(f"past_key_values must be an FWPCache (or None); got {type(past_key_values).__name__}.")
+        if use_cache and past_key_values is None:
+            past_key_values = FWPCache(config=self.config)
+        if self.training and self.config.feature_map == "favor" and self.config.favor_redraw:
+            self._redraw_random_features()
+
+        layout = build_layout(batch_size, seq_len, inputs_embeds.device, attention_mask,
+                              cu_seqlens if cu_seqlens is not None else cu_seq_lens_q, position_ids,
+                              past_key_values.row_tokens(0) if past_key_values is not None else None)
+        num_rows = layout.row_tokens.numel()
+        if past_key_values is not None and past_key_values.batch_size not in (-1, num_rows):
+            raise ValueError(f"past_key_values holds {past_key_values.batch_size} sequences but this input has {num_rows}.")
+
+        hidden = layout.pack(inputs_embeds)
+        if self.config.position_embedding == "sinusoidal":
+            hidden = hidden + sinusoidal_embedding(layout.positions, self.config.hidden_size, self.config.rope_theta).to(hidden.dtype)
+        hidden = self.dropout(hidden)
+        all_hidden = [layout.unpack(hidden)] if output_hidden_states else None
+        for idx, block in enumerate(self.layers):
+            state = past_key_values[idx] if past_key_values is not None else None
+            hidden, fast_weights, z, conv_tail = block(
+                hidden, layout=layout, want_state=past_key_values is not None,
+                fast_weights=state.fast_weights if state else None, z=state.z if state else None,
+                conv_tail=state.conv_tail if state else None,
+            )
+            if past_key_values is not None:
+                past_key_values.write(idx, fast_weights, z, conv_tail, seq_len, layout.row_tokens)
+            if output_hidden_states:
+                all_hidden.append(layout.unpack(hidden))
+        if self.norm is not None:
+            hidden = self.norm(hidden)
+            if output_hidden_states:
+                all_hidden[-1] = layout.unpack(hidden)
+        return BaseModelOutputWithPast(
+            last_hidden_state=layout.unpack(hidden),
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+        )
+
+
+class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: FWPConfig):
+        super().__init__(config)
+        self.model = FWPModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep=0,
+                cu_seqlens=None, cu_seq_lens_q=None, **kwargs):
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token targets (shifted inside the model); -100 is ignored. `num_items_in_batch` (a kwarg the Trainer
+            passes) makes the loss a sum divided by it, so gradient accumulation is exact.
+        cu_seqlens / cu_seq_lens_q (`torch.IntTensor`, *optional*):
+            Boundaries of packed documents in a batch of one row; no state crosses a boundary. Packed position_ids
+            that restart at 0 (transformers' `DataCollatorWithFlattening`) are understood too.
+        """
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_hidden_states=output_hidden_states, cu_seqlens=cu_seqlens, cu_seq_lens_q=cu_seq_lens_q,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss_kwargs = {"num_items_in_batch": kwargs["num_items_in_batch"]} if "num_items_in_batch" in kwargs else {}
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+
+
+__all__ = ["FWPPreTrainedModel", "FWPModel", "FWPForCausalLM", "FWPCache", "SequenceLayout"]
