@@ -1,0 +1,91 @@
+"""Byte-level BPE tokenizer for the training script: trained with `tokenizers` on the training split, saved as a
+PreTrainedTokenizerFast, and reused (from a cache keyed by the training text and vocabulary size) when it exists."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+BOS_EOS_TOKEN = "<|endoftext|>"  # one token marks both document start and end, as in GPT-2
+PAD_TOKEN = "<|pad|>"
+TOKENIZER_FORMAT_VERSION = "bytebpe-v1"  # part of the cache key: bump when the recipe below changes
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("MODELING_FWP_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "modeling_fwp")
+    return Path(root) / "tokenizers"
+
+
+def train_byte_level_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2):
+    """A byte-level BPE of exactly `vocab_size` entries (special tokens included) as a PreTrainedTokenizerFast.
+
+    Byte-level: every string is encodable (256 byte symbols seed the alphabet), so there is no unknown token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = [BOS_EOS_TOKEN, PAD_TOKEN]
+    minimum = len(pre_tokenizers.ByteLevel.alphabet()) + len(special)
+    if not isinstance(vocab_size, int) or vocab_size < minimum:
+        raise ValueError(f"vocab_size={vocab_size!r} is too small for a byte-level BPE; it must be >= {minimum}.")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS_EOS_TOKEN, eos_token=BOS_EOS_TOKEN,
+                                   pad_token=PAD_TOKEN, clean_up_tokenization_spaces=False)
+
+
+def load_or_train_tokenizer(train_texts: list[str], vocab_size: int = 8192, cache_dir: str | os.PathLike | None = None,
+                            log=print):
+    """The byte-level BPE for `train_texts`: loaded from the cache when it was trained before on the same texts with
+    the same vocabulary size, otherwise trained and cached. Trained on the training split only, so validation and
+    test text never shape the vocabulary."""
+    from transformers import PreTrainedTokenizerFast
+
+    digest = hashlib.sha256(TOKENIZER_FORMAT_VERSION.encode())
+    for text in train_texts:
+        digest.update(text.encode("utf-8"))
+        digest.update(b"\x00")
+    folder = Path(cache_dir or default_cache_dir()) / f"{digest.hexdigest()[:16]}-v{vocab_size}"
+    if (folder / "tokenizer.json").is_file():
+        log(f"Reusing the byte-level BPE tokenizer in {folder}")
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    log(f"Training a byte-level BPE tokenizer (vocabulary {vocab_size}) on {len(train_texts)} training documents")
+    tokenizer = train_byte_level_bpe(train_texts, vocab_size=vocab_size)
+    # Write to a temporary folder, then rename, so concurrent processes never read a half-written tokenizer.
+    temporary = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    tokenizer.save_pretrained(temporary)
+    try:
+        os.replace(temporary, folder)
+    except OSError:  # another process got there first: keep its copy
+        import shutil
+
+        shutil.rmtree(temporary, ignore_errors=True)
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str):
+    """Any tokenizer by Hub name or local path; gets a pad token (its EOS) when it has none, for batched
+    generation."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_vocab_fits(tokenizer, vocab_size: int) -> None:
+    """Refuses a tokenizer that can emit ids the model's embedding has no row for."""
+    size = len(tokenizer)
+    if size > vocab_size:
+        raise ValueError(
+            f"The tokenizer has {size} tokens but the model's vocab_size is {vocab_size}: ids >= {vocab_size} would "
+            f"index past the embedding. Use a model with vocab_size >= {size} (e.g. --config_overrides "
+            f"vocab_size={size}) or a smaller tokenizer.")
