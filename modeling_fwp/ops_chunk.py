@@ -1,0 +1,232 @@
+"""Pure-PyTorch chunkwise-parallel delta rule (WY/UT transform, Yang et al. 2024) and chunked sum rule.
+
+Per head and chunk of C tokens (rows of Q, K, V; beta a vector), state S [K, V] entering the chunk:
+
+    A  = strict_lower(diag(beta) K K^T)           T = (I + A)^{-1}    (unit lower triangular)
+    W  = T diag(beta) K,   U = T diag(beta) V      (WY factors of the C Householder-like updates)
+    Un = U - W S                                    (the chunk's pseudo-values u_t given the incoming S)
+    O  = Q S + lower_incl_diag(Q K^T) Un,           S_next = S + K^T Un
+
+Everything except the S recurrence is batched over all chunks at once; the loop over chunks does two
+matmuls per step. The delta rule has a hand-written backward (the same structure run in reverse), which is
+much faster than autograd through the loop. Tails are padded with k = v = q = 0 and beta = 0, which leaves
+the state unchanged, so any T works; packed sequences (cu_seqlens) are scattered into a zero-padded batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_cu_seqlens_values", "delta_rule_chunk", "state_dtype_for", "sum_rule_chunk"]
+
+
+def state_dtype_for(*tensors: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float64 if any input is float64, else float32 (also for bf16/fp16 inputs)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total_length: int) -> list[int]:
+    """Offsets as a Python list after checking 0 = cu[0] <= cu[1] <= ... <= cu[-1] = T (reads them on the host)."""
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0 or offsets[-1] != total_length or any(a > b for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing from 0 to T = {total_length}, got {offsets}")
+    return offsets
+
+
+# ----------------------------------------------------------------------------------------------- public entry points
+
+
+def delta_rule_chunk(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                     chunk_size=64):
+    """Chunkwise delta rule; same contract as `ops.delta_rule` (o in v.dtype, state in fp32/fp64)."""
+    return _run(_delta_core, q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
+
+
+def sum_rule_chunk(q, k, v, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                   chunk_size=64):
+    """Chunked linear attention (sum rule); same contract as `ops.sum_rule`."""
+    return _run(_sum_core, q, k, v, None, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------- layout
+
+
+def _run(core, q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
+    key_dim = k.shape[-1]
+    scale = key_dim**-0.5 if scale is None else float(scale)
+    dtype = state_dtype_for(q, k, v)
+    out_dtype = v.dtype
+    beta_c = None if beta is None else beta.to(dtype)  # sum rule: no beta
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if initial_state is not None:
+        initial_state = initial_state.to(dtype)
+
+    gather = None  # packed case: where each packed token sits in the padded batch
+    if cu_seqlens is not None:
+        q, k, v, beta_c, gather = _pack_to_padded(q, k, v, beta_c, check_cu_seqlens_values(cu_seqlens, q.shape[1]))
+
+    batch, length, heads, _ = k.shape
+    value_dim = v.shape[-1]
+    if length == 0:
+        state = (initial_state if initial_state is not None
+                 else q.new_zeros(batch, heads, key_dim, value_dim))
+        o = v.new_zeros(1 if gather is not None else batch, 0 if gather is None else gather.numel(), heads, value_dim)
+        return o.to(out_dtype), (state if output_final_state else None)
+
+    size = min(chunk_size, length)
+    q_c, k_c, v_c = (_to_chunks(x * scale if x is q else x, size) for x in (q, k, v))
+    beta_cc = None if beta_c is None else _to_chunks(beta_c[..., None], size)[..., 0]
+    state0 = None if initial_state is None else initial_state.reshape(batch * heads, key_dim, value_dim)
+    o_c, state = core(q_c, k_c, v_c, beta_cc, state0)
+    o = _from_chunks(o_c, batch, heads, length)
+    if gather is not None:
+        o = o.reshape(-1, heads, value_dim).index_select(0, gather).unsqueeze(0)
+    state = state.reshape(batch, heads, key_dim, value_dim) if output_final_state else None
+    return o.to(out_dtype), state
+
+
+def _to_chunks(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, T, H, D] -> [n_chunks, B*H, size, D], zero-padding the tail; contiguous so each chunk is one slab."""
+    batch, length, heads, dim = x.shape
+    pad = (-length) % size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+    n_chunks = (length + pad) // size
+    x = x.reshape(batch, n_chunks, size, heads, dim).permute(1, 0, 3, 2, 4)
+    return x.reshape(n_chunks, batch * heads, size, dim)  # reshape copies into the chunk-major layout
+
+
+def _from_chunks(x: torch.Tensor, batch: int, heads: int, length: int) -> torch.Tensor:
+    n_chunks, _, size, dim = x.shape
+    x = x.reshape(n_chunks, batch, heads, size, dim).permute(1, 0, 3, 2, 4)
+    return x.reshape(batch, n_chunks * size, heads, dim)[:, :length].contiguous()
+
+
+def _pack_to_padded(q, k, v, beta, offsets):
+    """Scatter packed [1, T, H, D] sequences into a zero-padded [N, max_len, H, D] batch (padding at the end)."""
+    lengths = [end - start for start, end in zip(offsets, offsets[1:])]
+    num, max_len = len(lengths), max(lengths)
+    positions = torch.cat([torch.arange(n, device=q.device) + i * max_len for i, n in enumerate(lengths)])
+
+    def scatter(x):
+        if x is None:
+            return None
+        flat = x.new_zeros(num * max_len, *x.shape[2:])
+        return flat.index_copy(0, positions, x[0]).reshape(num, max_len, *x.shape[2:])
+
+    return scatter(q), scatter(k), scatter(v), scatter(beta), positions
+
+
+# ----------------------------------------------------------------------------------------------- sum rule
+
+
+def _sum_core(q, k, v, beta, state0):
+    """Chunked linear attention: chunk-boundary states by a cumulative sum, no sequential loop at all."""
+    n_chunks, bh, size, _ = k.shape
+    increments = k.transpose(-1, -2) @ v  # [n, BH, K, V]: each chunk's total write
+    totals = increments.cumsum(0)
+    states = torch.cat([torch.zeros_like(totals[:1]), totals[:-1]])  # state entering each chunk
+    final = totals[-1]
+    if state0 is not None:
+        states = states + state0
+        final = final + state0
+    causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
+    scores = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0)
+    return q @ states + scores @ v, final
+
+
+# ----------------------------------------------------------------------------------------------- delta rule
+
+
+def _delta_core(q, k, v, beta, state0):
+    return _DeltaChunk.apply(q, k, v, beta, state0)
+
+
+class _DeltaChunk(torch.autograd.Function):
+    """Inputs in chunk layout [n, BH, C, D] (q already scaled), beta [n, BH, C], state0 [BH, K, V] or None."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, state0):
+        n_chunks, bh, size, key_dim = k.shape
+        value_dim = v.shape[-1]
+        flat = lambda x: x.reshape(n_chunks * bh, *x.shape[2:])  # noqa: E731  batch all chunks together
+
+        k_beta = k * beta[..., None]
+        v_beta = v * beta[..., None]
+        lower = torch.tril(flat(k_beta) @ flat(k).transpose(-1, -2), -1)  # A = strict_lower(diag(b) K K^T)
+        eye = torch.eye(size, dtype=k.dtype, device=k.device)
+        # Explicit T = (I + A)^{-1} by one unit-triangular solve: reused for W, U and again in the backward.
+        inverse = torch.linalg.solve_triangular(lower + eye, eye.expand_as(lower), upper=False, unitriangular=True)
+        w = (inverse @ flat(k_beta)).reshape(n_chunks, bh, size, key_dim)
+        u = (inverse @ flat(v_beta)).reshape(n_chunks, bh, size, value_dim)
+
+        # Sequential part: states[c] is the state entering chunk c, states[n] the final one.
+        states = k.new_empty(n_chunks + 1, bh, key_dim, value_dim)
+        if state0 is None:
+            states[0].zero_()
+        else:
+            states[0].copy_(state0)
+        pseudo = torch.empty_like(u)  # Un = U - W S
+        k_t = k.transpose(-1, -2)
+        for c in range(n_chunks):
+            torch.baddbmm(u[c], w[c], states[c], alpha=-1, out=pseudo[c])
+            torch.baddbmm(states[c], k_t[c], pseudo[c], out=states[c + 1])
+
+        scores = torch.tril(flat(q) @ flat(k).transpose(-1, -2))  # causal, diagonal included
+        o = torch.baddbmm(scores @ flat(pseudo), flat(q), flat(states[:-1]))
+        ctx.save_for_backward(q, k, v, beta, inverse, w, u, states, pseudo, scores)
+        ctx.has_state0 = state0 is not None
+        return o.reshape(n_chunks, bh, size, value_dim), states[-1].clone()
+
+    @staticmethod
+    def backward(ctx, grad_o, grad_final):
+        q, k, v, beta, inverse, w, u, states, pseudo, scores = ctx.saved_tensors
+        n_chunks, bh, size, key_dim = k.shape
+        value_dim = v.shape[-1]
+        flat = lambda x: x.reshape(n_chunks * bh, *x.shape[2:])  # noqa: E731
+        if grad_o is None:
+            grad_o = torch.zeros_like(pseudo)
+        grad_o = grad_o.contiguous()
+
+        # Reverse sequential part. d_states[c] = dL/dS_c; d_pseudo[c] = dL/dUn_c.
+        #   dUn_c   = scores_c^T dO_c + K_c dS_{c+1}
+        #   dS_c    = dS_{c+1} + Q_c^T dO_c - W_c^T dUn_c
+        from_output = (scores.transpose(-1, -2) @ flat(grad_o)).reshape_as(pseudo)
+        from_read = (flat(q).transpose(-1, -2) @ flat(grad_o)).reshape(n_chunks, bh, key_dim, value_dim)
+        d_states = torch.empty_like(states)
+        if grad_final is None:
+            d_states[-1].zero_()
+        else:
+            d_states[-1].copy_(grad_final)
+        d_pseudo = torch.empty_like(pseudo)
+        w_t = w.transpose(-1, -2)
+        for c in range(n_chunks - 1, -1, -1):
+            torch.baddbmm(from_output[c], k[c], d_states[c + 1], out=d_pseudo[c])
+            torch.baddbmm(d_states[c + 1] + from_read[c], w_t[c], d_pseudo[c], alpha=-1, out=d_states[c])
+
+        # Batched over chunks: q, k from the output and the state write; W, U from Un = U - W S.
+        d_scores = torch.tril(flat(grad_o) @ flat(pseudo).transpose(-1, -2))
+        d_q = torch.baddbmm(d_scores @ flat(k), flat(grad_o), flat(states[:-1]).transpose(-1, -2))
+        d_k = torch.baddbmm(d_scores.transpose(-1, -2) @ flat(q), flat(pseudo), flat(d_states[1:]).transpose(-1, -2))
+        d_w = -(flat(d_pseudo) @ flat(states[:-1]).transpose(-1, -2))
+        d_u = flat(d_pseudo)
+
+        # Through W = T diag(b) K and U = T diag(b) V with T = (I + A)^{-1}:
+        #   d(diag(b)K) = T^T dW,  d(diag(b)V) = T^T dU,  dA = -strict_lower(T^T dW W^T + T^T dU U^T)
+        inverse_t = inverse.transpose(-1, -2)
+        d_k_beta = inverse_t @ d_w
+        d_v_beta = inverse_t @ d_u
+        d_lower = torch.baddbmm(d_k_beta @ flat(w).transpose(-1, -2), d_v_beta, flat(u).transpose(-1, -2))
+        d_lower = -torch.tril(d_lower, -1)
+        # A_ij = b_i k_i . k_j (i > j)
+        flat_k, flat_beta = flat(k), flat(beta)
+        gram = flat_k @ flat_k.transpose(-1, -2)
+        d_beta = (d_lower * gram).sum(-1) + (d_k_beta * flat_k).sum(-1) + (d_v_beta * flat(v)).sum(-1)
+        d_k = d_k + flat_beta[..., None] * (d_lower @ flat_k + d_k_beta)
+        d_k = d_k + d_lower.transpose(-1, -2) @ (flat_k * flat_beta[..., None])
+        d_v = flat_beta[..., None] * d_v_beta
+
+        shape_k, shape_v = k.shape, v.shape
+        d_state0 = d_states[0] if ctx.has_state0 else None
+        return (d_q.reshape(shape_k), d_k.reshape(shape_k), d_v.reshape(shape_v), d_beta.reshape(beta.shape),
+                d_state0)
