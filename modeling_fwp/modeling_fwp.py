@@ -432,6 +432,13 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # generate() gets an FWPCache from the start (never a DynamicCache), so chunked prefill has a cache to fill.
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            model_kwargs["past_key_values"] = FWPCache(config=self.config)
+            return
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
     def set_output_embeddings(self, value):
         self.lm_head = value
 
