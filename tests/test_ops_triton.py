@@ -1,0 +1,244 @@
+"""Triton kernels (modeling_fwp/ops_triton.py) against a float64 per-token loop.
+
+On CPU the kernels run under Triton's interpreter.  TRITON_INTERPRET=1 must be set before triton is first
+imported, and another test file may already have imported triton in this pytest process, so all CPU cases
+run in ONE subprocess (this file, run as a script with --worker) and each test checks its case's errors.
+On CUDA, larger shapes also run in-process (fp32 against float64, bf16 with a looser bound).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-4  # fp32 kernels vs float64: relative norm of the difference
+
+# name -> shape and options.  rule: "delta" | "sum"; grad: run backward too (else forward under no_grad,
+# which takes the token-by-token kernel when sequences are short); tune: block-size overrides that reach
+# the multi-block code paths at tiny sizes; fused: output inside the sequential kernel or a separate one.
+_BLOCKS = dict(BK_state=16, BV_state=16, BK=16, BV=16)
+CASES = {
+    "delta_T1": dict(B=2, T=1, H=2, K=16, V=16, C=16, rule="delta", h0=True),
+    "delta_T63_C16": dict(B=1, T=63, H=2, K=16, V=32, C=16, rule="delta", h0=False),
+    "delta_T64_C64": dict(B=1, T=64, H=2, K=32, V=16, C=64, rule="delta", h0=True, fused=True),
+    "delta_T65_C32": dict(B=2, T=65, H=2, K=16, V=16, C=32, rule="delta", h0=True),
+    "delta_T130_C64": dict(B=1, T=130, H=2, K=32, V=32, C=64, rule="delta", h0=True),
+    "delta_T130_C16_fused_noh0": dict(B=1, T=130, H=2, K=16, V=16, C=16, rule="delta", h0=False, fused=True),
+    "delta_K_ne_V_odd": dict(B=1, T=33, H=2, K=24, V=20, C=16, rule="delta", h0=True),
+    "delta_varlen_empty_seq": dict(B=1, T=70, H=2, K=16, V=32, C=16, rule="delta", h0=True,
+                                   cu=[0, 5, 5, 40, 70]),
+    "delta_varlen_fused": dict(B=1, T=70, H=2, K=16, V=16, C=32, rule="delta", h0=False,
+                               cu=[0, 0, 33, 70], fused=True),
+    "delta_blocks_2x2": dict(B=1, T=40, H=2, K=32, V=32, C=16, rule="delta", h0=True, tune=_BLOCKS),
+    "delta_blocks_4": dict(B=1, T=20, H=1, K=64, V=16, C=16, rule="delta", h0=True, tune=_BLOCKS, fused=True),
+    "sum_T1": dict(B=2, T=1, H=2, K=16, V=16, C=16, rule="sum", h0=True),
+    "sum_T65_C32": dict(B=2, T=65, H=2, K=16, V=32, C=32, rule="sum", h0=True),
+    "sum_T130_C64_fused": dict(B=1, T=130, H=2, K=32, V=16, C=64, rule="sum", h0=False, fused=True),
+    "sum_varlen_empty_seq": dict(B=1, T=70, H=2, K=16, V=16, C=16, rule="sum", h0=True, cu=[0, 30, 30, 70]),
+    "sum_blocks_2x2": dict(B=1, T=40, H=2, K=32, V=32, C=16, rule="sum", h0=True, tune=_BLOCKS),
+    "decode_delta": dict(B=2, T=3, H=2, K=32, V=16, C=64, rule="delta", h0=True, grad=False),
+    "decode_delta_varlen": dict(B=1, T=4, H=2, K=16, V=32, C=64, rule="delta", h0=True, grad=False,
+                                cu=[0, 1, 2, 2, 4]),
+    "decode_sum": dict(B=2, T=2, H=2, K=16, V=16, C=64, rule="sum", h0=False, grad=False),
+    "nograd_chunk_delta": dict(B=1, T=50, H=2, K=16, V=16, C=16, rule="delta", h0=True, grad=False),
+}
+
+
+def reference(q, k, v, beta, scale, h0, cu, rule):
+    """The definition, token by token in float64: u = beta (v - S^T k), S += k u^T, o = scale S^T q."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    segs = [(b, 0, T) for b in range(B)] if cu is None else [(0, cu[i], cu[i + 1]) for i in range(len(cu) - 1)]
+    outs = [[None] * T for _ in range(B)]
+    states = []
+    for n, (b, s, e) in enumerate(segs):
+        S = h0[n].double() if h0 is not None else torch.zeros(H, K, V, dtype=torch.float64, device=q.device)
+        for t in range(s, e):
+            u = v[b, t]
+            if rule == "delta":
+                u = beta[b, t].double()[:, None] * (u - torch.einsum("hkv,hk->hv", S, k[b, t]))
+            S = S + k[b, t][:, :, None] * u[:, None, :]
+            outs[b][t] = scale * torch.einsum("hkv,hk->hv", S, q[b, t])
+        states.append(S)
+    o = torch.stack([torch.stack(row) for row in outs]) if T else torch.zeros(B, 0, H, V, dtype=torch.float64)
+    return o, torch.stack(states)
+
+
+def _inputs(B, T, H, K, V, N, h0, dtype, device, gen):
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device)
+    q = rnd(B, T, H, K)
+    # unit-norm keys and beta in (0, 1), as the model feeds them (keeps the recurrence bounded)
+    k = torch.nn.functional.normalize(rnd(B, T, H, K), dim=-1)
+    v = rnd(B, T, H, V)
+    beta = torch.rand(B, T, H, generator=gen).to(device)
+    s0 = rnd(N, H, K, V) if h0 else None
+    return q.to(dtype), k.to(dtype), v.to(dtype), beta, s0
+
+
+def run_case(spec, seed=0, device="cpu", dtype=torch.float32):
+    """Relative errors of o, final state and every gradient against the float64 reference."""
+    from modeling_fwp import ops_triton
+
+    ops_triton.TUNE.clear()
+    ops_triton.TUNE.update(spec.get("tune", {}))
+    if "fused" in spec:
+        ops_triton.TUNE["fused_output"] = spec["fused"]
+    gen = torch.Generator().manual_seed(seed)
+    B, T, H, K, V, C, rule = (spec[x] for x in ("B", "T", "H", "K", "V", "C", "rule"))
+    cu = spec.get("cu")
+    N = B if cu is None else len(cu) - 1
+    q, k, v, beta, s0 = _inputs(B, T, H, K, V, N, spec["h0"], dtype, device, gen)
+    leaves = {"q": q, "k": k, "v": v}
+    if rule == "delta":
+        leaves["beta"] = beta
+    if s0 is not None:
+        leaves["h0"] = s0
+    grad = spec.get("grad", True)
+    for t in leaves.values():
+        t.requires_grad_(grad)
+    cut = torch.tensor(cu, dtype=torch.int32, device=device) if cu is not None else None
+    scale = K ** -0.5
+    with torch.set_grad_enabled(grad):
+        if rule == "delta":
+            o, ht = ops_triton.delta_rule_triton(q, k, v, beta, scale, s0, True, cut, C)
+        else:
+            o, ht = ops_triton.sum_rule_triton(q, k, v, scale, s0, True, cut, C)
+    ops_triton.TUNE.clear()
+    ref_leaves = {n: t.detach().double().requires_grad_(grad) for n, t in leaves.items()}
+    with torch.set_grad_enabled(grad):
+        ro, rh = reference(ref_leaves["q"], ref_leaves["k"], ref_leaves["v"], ref_leaves.get("beta"), scale,
+                           ref_leaves.get("h0"), cu, rule)
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+    errs = {"o": rel(o, ro), "state": rel(ht, rh), "o_dtype_ok": float(o.dtype == v.dtype),
+            "state_fp32": float(ht.dtype == torch.float32)}
+    if grad:
+        go = torch.randn(o.shape, generator=gen).to(device)
+        gh = torch.randn(ht.shape, generator=gen).to(device)
+        got = torch.autograd.grad((o.float() * go).sum() + (ht * gh).sum(), list(leaves.values()))
+        want = torch.autograd.grad((ro * go.double()).sum() + (rh * gh.double()).sum(), list(ref_leaves.values()))
+        for name, a, b in zip(leaves, got, want):
+            errs["d" + name] = rel(a, b)
+    return errs
+
+
+def bad_input_messages():
+    """ValueErrors (message text) for inputs the triton backend must refuse."""
+    from modeling_fwp.ops_triton import delta_rule_triton
+
+    def x(*s, dtype=torch.float32):
+        return torch.randn(*s, dtype=dtype)
+    tries = {
+        "chunk_size": lambda: delta_rule_triton(x(1, 4, 1, 16), x(1, 4, 1, 16), x(1, 4, 1, 16), x(1, 4, 1), 1.0,
+                                                None, False, None, 48),
+        "K_too_large": lambda: delta_rule_triton(x(1, 4, 1, 520), x(1, 4, 1, 520), x(1, 4, 1, 16), x(1, 4, 1),
+                                                 1.0, None, False, None, 64),
+        "float64": lambda: delta_rule_triton(x(1, 4, 1, 16, dtype=torch.float64), x(1, 4, 1, 16, dtype=torch.float64),
+                                             x(1, 4, 1, 16, dtype=torch.float64), x(1, 4, 1), 1.0, None, False,
+                                             None, 64),
+        "beta_shape": lambda: delta_rule_triton(x(1, 4, 1, 16), x(1, 4, 1, 16), x(1, 4, 1, 16), x(1, 4), 1.0,
+                                                None, False, None, 64),
+        "varlen_batch": lambda: delta_rule_triton(x(2, 4, 1, 16), x(2, 4, 1, 16), x(2, 4, 1, 16), x(2, 4, 1), 1.0,
+                                                  None, False, torch.tensor([0, 4], dtype=torch.int32), 64),
+    }
+    out = {}
+    for name, fn in tries.items():
+        try:
+            fn()
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
+def _worker():
+    results = {}
+    for name, spec in CASES.items():
+        try:
+            results[name] = run_case(spec)
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+    results["_bad_inputs"] = bad_input_messages()
+    print("RESULTS " + json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_interpreter_matches_float64_loop(name, interpreter_results):
+    errs = interpreter_results[name]
+    assert "error" not in errs, errs.get("error")
+    assert errs.pop("o_dtype_ok") == 1.0 and errs.pop("state_fp32") == 1.0
+    expected = {"o", "state"} | ({"dq", "dk", "dv"} if CASES[name].get("grad", True) else set())
+    assert expected <= set(errs)
+    bad = {k: v for k, v in errs.items() if not v < TOL}  # `not <` also catches NaN
+    assert not bad, f"{name}: relative errors above {TOL}: {bad}"
+
+
+@pytest.mark.parametrize("what,needle", [("chunk_size", "chunk_size"), ("K_too_large", "K"),
+                                         ("float64", "dtype"), ("beta_shape", "beta"),
+                                         ("varlen_batch", "cu_seqlens")])
+def test_interpreter_rejects_bad_input(what, needle, interpreter_results):
+    msg = interpreter_results["_bad_inputs"][what]
+    assert msg is not None, f"{what}: no ValueError"
+    assert needle in msg
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CUDA_CASES = {
+    "delta_K64": dict(B=2, T=300, H=4, K=64, V=64, C=64, rule="delta", h0=True),
+    "delta_K128_V32": dict(B=2, T=200, H=2, K=128, V=32, C=64, rule="delta", h0=True),
+    "delta_K256_V128": dict(B=1, T=200, H=2, K=256, V=128, C=64, rule="delta", h0=True),
+    "delta_K512_V256": dict(B=1, T=130, H=2, K=512, V=256, C=64, rule="delta", h0=True),
+    "delta_K512_fused": dict(B=1, T=130, H=2, K=512, V=64, C=32, rule="delta", h0=True, fused=True),
+    "delta_varlen": dict(B=1, T=300, H=4, K=64, V=64, C=64, rule="delta", h0=True, cu=[0, 100, 100, 229, 300]),
+    "delta_decode": dict(B=3, T=4, H=4, K=128, V=64, C=64, rule="delta", h0=True, grad=False),
+    "sum_K64": dict(B=2, T=300, H=4, K=64, V=64, C=64, rule="sum", h0=True),
+    "sum_K256": dict(B=1, T=200, H=2, K=256, V=64, C=64, rule="sum", h0=True, fused=True),
+}
+
+
+@cuda
+@pytest.mark.parametrize("name", list(CUDA_CASES))
+def test_cuda_fp32_matches_float64_loop(name):
+    errs = run_case(CUDA_CASES[name], seed=1, device="cuda")
+    bad = {k: v for k, v in errs.items() if not v < 1e-3}
+    assert not bad, f"{name}: {bad}"
+
+
+@cuda
+@pytest.mark.parametrize("name", ["delta_K64", "delta_K256_V128", "sum_K64", "delta_varlen"])
+def test_cuda_bf16_close_to_float64_loop(name):
+    errs = run_case(CUDA_CASES[name], seed=2, device="cuda", dtype=torch.bfloat16)
+    bad = {k: v for k, v in errs.items() if not v < 3e-2}
+    assert not bad, f"{name}: {bad}"
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    sys.path.insert(0, REPO)
+    _worker()
