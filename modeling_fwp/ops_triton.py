@@ -40,7 +40,7 @@ MAX_V = 512
 # small jit helpers
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _tok_offsets(rows, mrow, i_h, H: tl.constexpr, D: tl.constexpr, col0, BC: tl.constexpr):
+def _tok_offsets(rows, mrow, i_h, H, D, col0, BC: tl.constexpr):
     """Offsets and mask of a [rows, BC] tile of a [tokens, H, D] tensor starting at column col0."""
     cols = col0 + tl.arange(0, BC)
     offs = (rows.to(tl.int64)[:, None] * H + i_h) * D + cols[None, :]
@@ -49,19 +49,19 @@ def _tok_offsets(rows, mrow, i_h, H: tl.constexpr, D: tl.constexpr, col0, BC: tl
 
 
 @triton.jit
-def _ld_tok(ptr, rows, mrow, i_h, H: tl.constexpr, D: tl.constexpr, col0, BC: tl.constexpr):
+def _ld_tok(ptr, rows, mrow, i_h, H, D, col0, BC: tl.constexpr):
     offs, mask = _tok_offsets(rows, mrow, i_h, H, D, col0, BC)
     return tl.load(ptr + offs, mask=mask, other=0.0)
 
 
 @triton.jit
-def _st_tok(ptr, val, rows, mrow, i_h, H: tl.constexpr, D: tl.constexpr, col0, BC: tl.constexpr):
+def _st_tok(ptr, val, rows, mrow, i_h, H, D, col0, BC: tl.constexpr):
     offs, mask = _tok_offsets(rows, mrow, i_h, H, D, col0, BC)
     tl.store(ptr + offs, val.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _state_offsets(idx, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, k0, v0,
+def _state_offsets(idx, i_h, H, K, V, k0, v0,
                    BK: tl.constexpr, BV: tl.constexpr):
     """Offsets and mask of a [BK, BV] block of a [*, H, K, V] state tensor (entry idx)."""
     rk = k0 + tl.arange(0, BK)
@@ -72,21 +72,21 @@ def _state_offsets(idx, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, 
 
 
 @triton.jit
-def _ld_state(ptr, idx, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, k0, v0,
+def _ld_state(ptr, idx, i_h, H, K, V, k0, v0,
               BK: tl.constexpr, BV: tl.constexpr):
     offs, mask = _state_offsets(idx, i_h, H, K, V, k0, v0, BK, BV)
     return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _st_state(ptr, val, idx, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, k0, v0,
+def _st_state(ptr, val, idx, i_h, H, K, V, k0, v0,
               BK: tl.constexpr, BV: tl.constexpr):
     offs, mask = _state_offsets(idx, i_h, H, K, V, k0, v0, BK, BV)
     tl.store(ptr + offs, val.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _chunk_of_program(cu_seqlens, chunk_indices, pid_t, pid_bh, T, H: tl.constexpr, BT: tl.constexpr,
+def _chunk_of_program(cu_seqlens, chunk_indices, pid_t, pid_bh, T, H, BT: tl.constexpr,
                       IS_VARLEN: tl.constexpr):
     """For the chunk-parallel kernels: (head, first token row, end of its sequence, global chunk index).
 
@@ -111,7 +111,7 @@ def _chunk_of_program(cu_seqlens, chunk_indices, pid_t, pid_bh, T, H: tl.constex
 
 
 @triton.jit
-def _seq_of_program(cu_seqlens, chunk_offsets, pid_nh, T, H: tl.constexpr, BT: tl.constexpr,
+def _seq_of_program(cu_seqlens, chunk_offsets, pid_nh, T, H, BT: tl.constexpr,
                     IS_VARLEN: tl.constexpr):
     """For the chunk-sequential kernels: (sequence, head, bos, eos, index of its first chunk)."""
     i_n = pid_nh // H
@@ -146,7 +146,7 @@ def _inv_unit_lower16(a):
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _wy_fwd_kernel(k, v, beta, w, u, linv, cu_seqlens, chunk_indices, T,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                   H, K, V, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
                    STORE_LINV: tl.constexpr, PREC: tl.constexpr):
     """Per chunk: L^-1 = (I + tril(diag(beta) K K^T, -1))^-1 in 16-row blocks, then W = L^-1 diag(beta) K
@@ -292,7 +292,7 @@ def _wy_fwd_kernel(k, v, beta, w, u, linv, cu_seqlens, chunk_indices, T,
 
 @triton.jit
 def _state_fwd_kernel(q, k, w, u, o, h, vnew, h0, ht, cu_seqlens, chunk_offsets, T, scale,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                      H, K, V, BT: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, NKB: tl.constexpr,
                       IS_DELTA: tl.constexpr, IS_VARLEN: tl.constexpr, USE_H0: tl.constexpr,
                       STORE_HT: tl.constexpr, STORE_H: tl.constexpr, STORE_VNEW: tl.constexpr,
@@ -388,7 +388,7 @@ def _state_fwd_kernel(q, k, w, u, o, h, vnew, h0, ht, cu_seqlens, chunk_offsets,
 
 @triton.jit
 def _output_kernel(q, k, vnew, h, o, cu_seqlens, chunk_indices, T, scale,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                   H, K, V, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
     """O = scale (Q S0 + tril(Q K^T) U~) for one chunk and V block, from stored chunk states.  Used when
     the sequential kernel has too few programs to hide this parallel work (few sequences x heads)."""
@@ -414,7 +414,7 @@ def _output_kernel(q, k, vnew, h, o, cu_seqlens, chunk_indices, T, scale,
 
 @triton.jit
 def _recurrent_fwd_kernel(q, k, v, beta, o, h0, ht, cu_seqlens, T, scale,
-                          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKF: tl.constexpr,
+                          H, K, V, BKF: tl.constexpr,
                           BV: tl.constexpr, IS_DELTA: tl.constexpr, IS_VARLEN: tl.constexpr,
                           USE_H0: tl.constexpr, STORE_HT: tl.constexpr):
     """Token by token (decoding: a few tokens per call).  The [K, BV] state stays in fp32 registers."""
@@ -447,7 +447,7 @@ def _recurrent_fwd_kernel(q, k, v, beta, o, h0, ht, cu_seqlens, T, scale,
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _state_bwd_kernel(q, k, w, do, dh, dvnew, dht, dh0, cu_seqlens, chunk_offsets, T, scale,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                      H, K, V, BT: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, NKB: tl.constexpr,
                       IS_DELTA: tl.constexpr, IS_VARLEN: tl.constexpr, USE_DHT: tl.constexpr,
                       STORE_DH0: tl.constexpr, PREC: tl.constexpr):
@@ -537,7 +537,7 @@ def _state_bwd_kernel(q, k, w, do, dh, dvnew, dht, dh0, cu_seqlens, chunk_offset
 
 @triton.jit
 def _dqk_kernel(q, k, vnew, h, do, dh, dvnew, dq, dk, dw, cu_seqlens, chunk_indices, T, scale,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                H, K, V, BT: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, IS_DELTA: tl.constexpr, IS_VARLEN: tl.constexpr,
                 PREC: tl.constexpr):
     """Per chunk and K block (S0 = chunk state, dS1 = gradient of the state leaving the chunk):
@@ -579,7 +579,7 @@ def _dqk_kernel(q, k, vnew, h, do, dh, dvnew, dq, dk, dw, cu_seqlens, chunk_indi
 
 @triton.jit
 def _wy_bwd_kernel(k, v, beta, linv, dw, dvnew, dk_direct, dk, dv, dbeta, cu_seqlens, chunk_indices, T,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                   H, K, V, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
     """Through W = T K, U = T V, T = L^-1 diag(beta), L = I + tril(diag(beta) K K^T, -1)  (dU = dU~):
         dT = dW K^T + dU V^T;  dK += T^T dW;  dV = T^T dU;  dbeta_j += sum_i dT_ij L^-1_ij;
