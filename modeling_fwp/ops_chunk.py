@@ -74,10 +74,10 @@ def _run(core, q, k, v, beta, scale, initial_state, output_final_state, cu_seqle
         return o.to(out_dtype), (state if output_final_state else None)
 
     size = min(chunk_size, length)
-    q_c, k_c, v_c = (_to_chunks(x * scale if x is q else x, size) for x in (q, k, v))
+    q_c, k_c, v_c = (_to_chunks(x, size) for x in (q, k, v))
     beta_cc = None if beta_c is None else _to_chunks(beta_c[..., None], size)[..., 0]
     state0 = None if initial_state is None else initial_state.reshape(batch * heads, key_dim, value_dim)
-    o_c, state = core(q_c, k_c, v_c, beta_cc, state0)
+    o_c, state = core(q_c, k_c, v_c, beta_cc, state0, scale)
     o = _from_chunks(o_c, batch, heads, length)
     if gather is not None:
         o = o.reshape(-1, heads, value_dim).index_select(0, gather).unsqueeze(0)
@@ -120,9 +120,9 @@ def _pack_to_padded(q, k, v, beta, offsets):
 # ----------------------------------------------------------------------------------------------- sum rule
 
 
-def _sum_core(q, k, v, beta, state0):
+def _sum_core(q, k, v, beta, state0, scale):
     """Chunked linear attention: chunk-boundary states by a cumulative sum, no sequential loop at all."""
-    n_chunks, bh, size, _ = k.shape
+    size = k.shape[2]
     increments = k.transpose(-1, -2) @ v  # [n, BH, K, V]: each chunk's total write
     totals = increments.cumsum(0)
     states = torch.cat([torch.zeros_like(totals[:1]), totals[:-1]])  # state entering each chunk
@@ -132,33 +132,41 @@ def _sum_core(q, k, v, beta, state0):
         final = final + state0
     causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
     scores = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0)
-    return q @ states + scores @ v, final
+    return torch.bmm(_flat(scores), _flat(v)).baddbmm_(_flat(q), _flat(states)).mul_(scale).view_as(v), final
 
 
 # ----------------------------------------------------------------------------------------------- delta rule
 
 
-def _delta_core(q, k, v, beta, state0):
-    return _DeltaChunk.apply(q, k, v, beta, state0)
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """[n, BH, ...] -> [n * BH, ...]: batch all chunks of all heads in one bmm."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _delta_core(q, k, v, beta, state0, scale):
+    return _DeltaChunk.apply(q, k, v, beta, state0, scale)
 
 
 class _DeltaChunk(torch.autograd.Function):
-    """Inputs in chunk layout [n, BH, C, D] (q already scaled), beta [n, BH, C], state0 [BH, K, V] or None."""
+    """Inputs in chunk layout [n, BH, C, D], beta [n, BH, C], state0 [BH, K, V] or None; o is multiplied by scale."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, state0):
+    def forward(ctx, q, k, v, beta, state0, scale):
         n_chunks, bh, size, key_dim = k.shape
         value_dim = v.shape[-1]
-        flat = lambda x: x.reshape(n_chunks * bh, *x.shape[2:])  # noqa: E731  batch all chunks together
+        flat_q, flat_k, flat_v, flat_beta = _flat(q), _flat(k), _flat(v), _flat(beta)
 
-        k_beta = k * beta[..., None]
-        v_beta = v * beta[..., None]
-        lower = torch.tril(flat(k_beta) @ flat(k).transpose(-1, -2), -1)  # A = strict_lower(diag(b) K K^T)
+        gram = torch.bmm(flat_k, flat_k.transpose(-1, -2))  # k_i . k_j, kept for the backward
+        lower = (gram * flat_beta[..., None]).tril_(-1)  # A = strict_lower(diag(beta) K K^T)
+        lower.diagonal(dim1=-2, dim2=-1).fill_(1.0)  # I + A, in place
         eye = torch.eye(size, dtype=k.dtype, device=k.device)
         # Explicit T = (I + A)^{-1} by one unit-triangular solve: reused for W, U and again in the backward.
-        inverse = torch.linalg.solve_triangular(lower + eye, eye.expand_as(lower), upper=False, unitriangular=True)
-        w = (inverse @ flat(k_beta)).reshape(n_chunks, bh, size, key_dim)
-        u = (inverse @ flat(v_beta)).reshape(n_chunks, bh, size, value_dim)
+        inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False, unitriangular=True)
+        del lower
+        inverse_beta = inverse * flat_beta[:, None, :]  # T diag(beta): W = T diag(b) K, U = T diag(b) V
+        w = torch.bmm(inverse_beta, flat_k).view(n_chunks, bh, size, key_dim)
+        u = torch.bmm(inverse_beta, flat_v).view(n_chunks, bh, size, value_dim)
+        del inverse_beta
 
         # Sequential part: states[c] is the state entering chunk c, states[n] the final one.
         states = k.new_empty(n_chunks + 1, bh, key_dim, value_dim)
@@ -172,27 +180,28 @@ class _DeltaChunk(torch.autograd.Function):
             torch.baddbmm(u[c], w[c], states[c], alpha=-1, out=pseudo[c])
             torch.baddbmm(states[c], k_t[c], pseudo[c], out=states[c + 1])
 
-        scores = torch.tril(flat(q) @ flat(k).transpose(-1, -2))  # causal, diagonal included
-        o = torch.baddbmm(scores @ flat(pseudo), flat(q), flat(states[:-1]))
-        ctx.save_for_backward(q, k, v, beta, inverse, w, u, states, pseudo, scores)
+        scores = torch.bmm(flat_q, flat_k.transpose(-1, -2)).tril_()  # causal, diagonal included
+        # o = scale (Q S + scores Un); beta != 1 in baddbmm is a slow path on CPU, so scale in place afterwards.
+        o = torch.bmm(scores, _flat(pseudo)).baddbmm_(flat_q, _flat(states[:-1])).mul_(scale)
+        ctx.save_for_backward(q, k, v, beta, gram, inverse, w, u, states, pseudo, scores)
         ctx.has_state0 = state0 is not None
-        return o.reshape(n_chunks, bh, size, value_dim), states[-1].clone()
+        ctx.scale = scale
+        return o.view(n_chunks, bh, size, value_dim), states[-1].clone()
 
     @staticmethod
     def backward(ctx, grad_o, grad_final):
-        q, k, v, beta, inverse, w, u, states, pseudo, scores = ctx.saved_tensors
+        q, k, v, beta, gram, inverse, w, u, states, pseudo, scores = ctx.saved_tensors
         n_chunks, bh, size, key_dim = k.shape
-        value_dim = v.shape[-1]
-        flat = lambda x: x.reshape(n_chunks * bh, *x.shape[2:])  # noqa: E731
+        flat_q, flat_k, flat_v, flat_beta = _flat(q), _flat(k), _flat(v), _flat(beta)
         if grad_o is None:
             grad_o = torch.zeros_like(pseudo)
-        grad_o = grad_o.contiguous()
+        grad_o = _flat(grad_o * ctx.scale)  # o = scale * (...): fold the scale into the incoming gradient once
 
         # Reverse sequential part. d_states[c] = dL/dS_c; d_pseudo[c] = dL/dUn_c.
         #   dUn_c   = scores_c^T dO_c + K_c dS_{c+1}
         #   dS_c    = dS_{c+1} + Q_c^T dO_c - W_c^T dUn_c
-        from_output = (scores.transpose(-1, -2) @ flat(grad_o)).reshape_as(pseudo)
-        from_read = (flat(q).transpose(-1, -2) @ flat(grad_o)).reshape(n_chunks, bh, key_dim, value_dim)
+        from_output = torch.bmm(scores.transpose(-1, -2), grad_o).view_as(pseudo)
+        from_read = torch.bmm(flat_q.transpose(-1, -2), grad_o).view(n_chunks, bh, key_dim, -1)
         d_states = torch.empty_like(states)
         if grad_final is None:
             d_states[-1].zero_()
@@ -203,30 +212,32 @@ class _DeltaChunk(torch.autograd.Function):
         for c in range(n_chunks - 1, -1, -1):
             torch.baddbmm(from_output[c], k[c], d_states[c + 1], out=d_pseudo[c])
             torch.baddbmm(d_states[c + 1] + from_read[c], w_t[c], d_pseudo[c], alpha=-1, out=d_states[c])
+        del from_output, from_read
 
         # Batched over chunks: q, k from the output and the state write; W, U from Un = U - W S.
-        d_scores = torch.tril(flat(grad_o) @ flat(pseudo).transpose(-1, -2))
-        d_q = torch.baddbmm(d_scores @ flat(k), flat(grad_o), flat(states[:-1]).transpose(-1, -2))
-        d_k = torch.baddbmm(d_scores.transpose(-1, -2) @ flat(q), flat(pseudo), flat(d_states[1:]).transpose(-1, -2))
-        d_w = -(flat(d_pseudo) @ flat(states[:-1]).transpose(-1, -2))
-        d_u = flat(d_pseudo)
+        flat_pseudo, flat_d_pseudo = _flat(pseudo), _flat(d_pseudo)
+        entering = _flat(states[:-1]).transpose(-1, -2)
+        d_scores = torch.bmm(grad_o, flat_pseudo.transpose(-1, -2)).tril_()
+        d_q = torch.baddbmm(torch.bmm(grad_o, entering), d_scores, flat_k)
+        d_k = torch.baddbmm(torch.bmm(d_scores.transpose(-1, -2), flat_q), flat_pseudo,
+                            _flat(d_states[1:]).transpose(-1, -2))
+        del d_scores
+        d_w = torch.bmm(flat_d_pseudo, entering).neg_()
 
         # Through W = T diag(b) K and U = T diag(b) V with T = (I + A)^{-1}:
         #   d(diag(b)K) = T^T dW,  d(diag(b)V) = T^T dU,  dA = -strict_lower(T^T dW W^T + T^T dU U^T)
         inverse_t = inverse.transpose(-1, -2)
-        d_k_beta = inverse_t @ d_w
-        d_v_beta = inverse_t @ d_u
-        d_lower = torch.baddbmm(d_k_beta @ flat(w).transpose(-1, -2), d_v_beta, flat(u).transpose(-1, -2))
-        d_lower = -torch.tril(d_lower, -1)
-        # A_ij = b_i k_i . k_j (i > j)
-        flat_k, flat_beta = flat(k), flat(beta)
-        gram = flat_k @ flat_k.transpose(-1, -2)
-        d_beta = (d_lower * gram).sum(-1) + (d_k_beta * flat_k).sum(-1) + (d_v_beta * flat(v)).sum(-1)
-        d_k = d_k + flat_beta[..., None] * (d_lower @ flat_k + d_k_beta)
-        d_k = d_k + d_lower.transpose(-1, -2) @ (flat_k * flat_beta[..., None])
-        d_v = flat_beta[..., None] * d_v_beta
+        d_k_beta = torch.bmm(inverse_t, d_w)
+        d_v_beta = torch.bmm(inverse_t, flat_d_pseudo)
+        d_lower = torch.baddbmm(torch.bmm(d_k_beta, _flat(w).transpose(-1, -2)), d_v_beta,
+                                _flat(u).transpose(-1, -2)).tril_(-1).neg_()
+        # A_ij = b_i k_i . k_j (i > j): with M = diag(b) dA, dK += (M + M^T) K and db_i += sum_j dA_ij k_i . k_j
+        d_beta = (d_lower * gram).sum(-1) + (d_k_beta * flat_k).sum(-1) + (d_v_beta * flat_v).sum(-1)
+        scaled = d_lower.mul_(flat_beta[..., None])
+        d_k = torch.baddbmm(d_k, scaled + scaled.transpose(-1, -2), flat_k)
+        d_k.addcmul_(d_k_beta, flat_beta[..., None])
+        d_v = d_v_beta.mul_(flat_beta[..., None])
 
         shape_k, shape_v = k.shape, v.shape
         d_state0 = d_states[0] if ctx.has_state0 else None
-        return (d_q.reshape(shape_k), d_k.reshape(shape_k), d_v.reshape(shape_v), d_beta.reshape(beta.shape),
-                d_state0)
+        return (d_q.view(shape_k), d_k.view(shape_k), d_v.view(shape_v), d_beta.view(beta.shape), d_state0, None)
