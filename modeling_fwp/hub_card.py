@@ -21,6 +21,10 @@ DEFAULT_LICENSE = "apache-2.0"
 RESULT_FILES = ("all_results.json", "train_results.json", "eval_results.json", "test_results.json")
 # Optional description of the training data, written by scripts/train.py when it knows it.
 DATA_INFO_FILE = "data_info.json"
+# Optional: TrainingArguments.to_json_string(), for the optimiser settings trainer_state.json does not hold.
+TRAINING_ARGS_FILE = "training_args.json"
+# scripts/train.py's closing summary; its "sample" is shown in the card.
+SUMMARY_FILE = "train_summary.json"
 BASE_TAGS = ["fast-weight-programmer", "linear-attention"]
 
 BIBTEX = """@inproceedings{schlag2021linear,
@@ -76,15 +80,20 @@ def _read_json(path: Path):
 
 
 def read_run_info(run_dir) -> dict:
-    """What a training output_dir tells about its run: Trainer's state, the saved metrics, the data description."""
-    run_dir = Path(run_dir)
+    """What a training output_dir tells about its run: Trainer's state and arguments, the saved metrics, the data
+    description and scripts/train.py's summary (with its generated sample). Missing files give empty entries."""
+    def read(name):
+        return _read_json(Path(run_dir) / name) if run_dir is not None else None
+
     results = {}
     for name in RESULT_FILES:
-        results.update(_read_json(run_dir / name) or {})
+        results.update(read(name) or {})
     return {
-        "trainer_state": _read_json(run_dir / "trainer_state.json"),
+        "trainer_state": read("trainer_state.json"),
+        "training_args": read(TRAINING_ARGS_FILE) or {},
         "results": results,
-        "data": _read_json(run_dir / DATA_INFO_FILE) or {},
+        "data": read(DATA_INFO_FILE) or {},
+        "summary": read(SUMMARY_FILE) or {},
     }
 
 
@@ -195,16 +204,18 @@ def size_rows(config, num_parameters) -> list:
     return rows
 
 
-def training_rows(trainer_state, results) -> tuple[list, list]:
-    """Table rows of the training procedure and the eval-loss history, from Trainer's trainer_state.json."""
-    if not trainer_state and not results:
+def training_rows(trainer_state, results, training_args=None) -> tuple[list, list]:
+    """Table rows of the training procedure and the eval-loss history, from Trainer's trainer_state.json (and the
+    TrainingArguments, when saved as JSON)."""
+    if not trainer_state and not results and not training_args:
         return [], []
+    args = training_args or {}
     state = trainer_state or {}
     history = state.get("log_history") or []
     rows = []
 
     def add(name, value):
-        if value not in (None, "", 0):
+        if value is not None and value != "":
             rows.append((name, value))
 
     add("Optimizer steps", state.get("global_step"))
@@ -213,7 +224,10 @@ def training_rows(trainer_state, results) -> tuple[list, list]:
     tokens = state.get("num_input_tokens_seen")
     add("Tokens seen", f"{format_count(tokens)} ({tokens:,})" if tokens else None)
     rates = [e["learning_rate"] for e in history if isinstance(e.get("learning_rate"), (int, float))]
-    add("Peak learning rate", _number(max(rates), 3) if rates else None)
+    if "learning_rate" in args:
+        add("Learning rate", _number(args["learning_rate"], 3))
+    else:
+        add("Peak logged learning rate", _number(max(rates), 3) if rates else None)
     train_losses = [e["loss"] for e in history if isinstance(e.get("loss"), (int, float))]
     add("Last logged training loss", _number(train_losses[-1]) if train_losses else None)
     train_loss = results.get("train_loss", next((e["train_loss"] for e in reversed(history) if "train_loss" in e), None))
@@ -224,6 +238,15 @@ def training_rows(trainer_state, results) -> tuple[list, list]:
     add("Training time", f"{runtime / 60:.1f} min" if runtime else None)
     flos = state.get("total_flos")
     add("Total FLOs (Trainer's estimate)", f"{flos:.3g}" if flos else None)
+    add("Gradient accumulation steps", args.get("gradient_accumulation_steps") if args.get("gradient_accumulation_steps", 1) > 1 else None)
+    add("Optimizer", args.get("optim"))
+    add("Learning-rate schedule", args.get("lr_scheduler_type"))
+    warmup = args.get("warmup_steps") or (f"{args['warmup_ratio']:.3g} of the steps" if args.get("warmup_ratio") else None)
+    add("Warm-up", warmup)
+    add("Weight decay", args.get("weight_decay"))
+    precision = "bf16 mixed" if args.get("bf16") else "fp16 mixed" if args.get("fp16") else ("fp32" if args else None)
+    add("Precision", precision)
+    add("Seed", args.get("seed") if "seed" in args else None)
 
     evals = [e for e in history if isinstance(e.get("eval_loss"), (int, float))]
     eval_history = [
@@ -235,31 +258,57 @@ def training_rows(trainer_state, results) -> tuple[list, list]:
     return rows, eval_history
 
 
-def eval_metrics(results) -> list:
-    """(split, metric, value) for loss / perplexity / accuracy metrics; perplexity derived from the loss if absent."""
-    splits = {"eval_": "validation", "test_": "test"}
-    found = {}
-    for key, value in results.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            continue
-        for prefix, split in splits.items():
-            if key.startswith(prefix):
-                name = key[len(prefix):]
-                if any(word in name for word in ("loss", "perplexity", "ppl", "accuracy")):
-                    found[(split, name)] = float(value)
-    for split in splits.values():
-        has_ppl = any(s == split and ("perplexity" in n or "ppl" in n) for s, n in found)
-        if (split, "loss") in found and not has_ppl:
-            found[(split, "perplexity")] = math.exp(min(found[(split, "loss")], 700))
-    return [(split, name, value) for (split, name), value in sorted(found.items())]
+# Evaluation variants scripts/train.py reports next to the plain validation loss (eval_<variant>_loss).
+EVAL_VARIANTS = {
+    "carry": "fast-weight state carried across segments",
+    "streams": "contiguous segments, state reset at each",
+    "nocarry": "contiguous segments, state reset at each",
+}
+METRIC_WORDS = ("loss", "perplexity", "ppl", "accuracy")
 
 
 def _metric_type(name: str) -> str:
     if "perplexity" in name or "ppl" in name:
         return "perplexity"
-    if "accuracy" in name:
-        return "accuracy"
-    return "loss"
+    return "accuracy" if "accuracy" in name else "loss"
+
+
+def eval_metrics(results) -> list[dict]:
+    """Loss / perplexity / accuracy metrics of Trainer's eval_* and test_* keys, each as
+    {split, type, setting, value}; perplexity is derived as exp(loss) where a loss has none."""
+    splits = {"eval_": "validation", "test_": "test"}
+    found = {}
+    for key, value in results.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        prefix = next((p for p in splits if key.startswith(p)), None)
+        name = key[len(prefix):] if prefix else ""
+        word = next((w for w in METRIC_WORDS if name == w or name.endswith("_" + w)), None)
+        if word is None:
+            continue
+        setting = name[: -len(word)].rstrip("_")
+        found[(splits[prefix], setting, _metric_type(word))] = float(value)
+    for (split, setting, kind), value in list(found.items()):
+        if kind == "loss" and (split, setting, "perplexity") not in found:
+            found[(split, setting, "perplexity")] = math.exp(min(value, 700))
+    order = {"loss": 0, "perplexity": 1, "accuracy": 2}
+    keys = sorted(found, key=lambda k: (k[0] != "validation", k[1] != "", k[1], order[k[2]]))
+    return [
+        {"split": split, "type": kind, "setting": EVAL_VARIANTS.get(setting, setting.replace("_", " ")),
+         "value": found[(split, setting, kind)]}
+        for split, setting, kind in keys
+    ]
+
+
+def _format_metric(metric: dict) -> str:
+    return f"{metric['value']:.4f}" if metric["type"] == "loss" else f"{metric['value']:.2f}"
+
+
+def _fenced_text(text):
+    """Text safe inside a ```` fence (a sample may contain anything)."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    return text.replace("````", "` ` ` `").rstrip()
 
 
 def data_description(data: dict) -> str:
@@ -313,7 +362,7 @@ def render_model_card(
             f"template_path: model card template {template_path} not found; pass template_path= "
             "(the default lives in hub_cards/ of a modeling_fwp checkout)"
         )
-    run = read_run_info(run_dir) if run_dir is not None else {"trainer_state": None, "results": {}, "data": {}}
+    run = read_run_info(run_dir) if run_dir is not None else read_run_info(None)
     run_results = {**run["results"], **(results or {})}
     run_data = {**run["data"], **(data or {})}
     model_name = (repo_id or "").split("/")[-1] or (Path(run_dir).name if run_dir else "fwp-model")
@@ -326,13 +375,18 @@ def render_model_card(
             dataset_type=dataset_id or "custom",
             dataset_name=run_data.get("dataset_name") or dataset_id or "training corpus",
             dataset_config=run_data.get("dataset_config"),
-            dataset_split=split,
-            metric_type=_metric_type(name),
-            metric_name=f"{split} {name}",
-            metric_value=round(value, 4),
+            dataset_split=m["split"],
+            metric_type=m["type"],
+            metric_name=f"{m['split']} {m['type']}" + (f" ({m['setting']})" if m["setting"] else ""),
+            metric_value=round(m["value"], 4),
         )
-        for split, name, value in metrics
+        for m in metrics
     ]
+    eval_rows = [(m["split"], m["type"] + (f" ({m['setting']})" if m["setting"] else ""), _format_metric(m))
+                 for m in metrics]
+    unigram = run_results.get("unigram_perplexity") or run_results.get("eval_unigram_perplexity")
+    if isinstance(unigram, (int, float)):  # a reference point, not a result of this model: table only
+        eval_rows.append(("validation", "perplexity of a unigram model (baseline, for reference)", f"{unigram:.2f}"))
     rule_tag = "delta-rule" if config.update_rule == "delta" else "sum-rule"
     card_data = ModelCardData(
         library_name="transformers",
@@ -344,7 +398,7 @@ def render_model_card(
         model_name=model_name,
         eval_results=eval_results or None,
     )
-    rows, eval_history = training_rows(run["trainer_state"], run_results)
+    rows, eval_history = training_rows(run["trainer_state"], run_results, run["training_args"])
     big = num_parameters is not None and num_parameters >= 100_000_000
     size_limitation = (
         "Trained on a single corpus: outside its domain the text it writes degrades quickly."
@@ -363,7 +417,8 @@ def render_model_card(
         data_text=data_description(run_data),
         training_rows=rows,
         eval_history=eval_history,
-        eval_rows=[(split, name, f"{value:.4f}" if name.endswith("loss") else f"{value:.2f}") for split, name, value in metrics],
+        eval_rows=eval_rows,
+        sample=_fenced_text(run["summary"].get("sample")),
         size_limitation=size_limitation,
         prompt=prompt.replace("\\", "\\\\").replace('"', '\\"'),
         bibtex=BIBTEX,
@@ -384,7 +439,7 @@ def push_to_hub_with_card(model, repo_id: str, *, card_kwargs: dict | None = Non
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     kwargs = {"num_parameters": model.num_parameters(), **(card_kwargs or {})}
     card = render_model_card(model.config, repo_id=repo_id, **kwargs)
-    for tag in tags or []:
+    for tag in [*(getattr(model, "model_tags", None) or []), *(tags or [])]:
         if tag not in card.data.tags:
             card.data.tags.append(tag)
     with tempfile.TemporaryDirectory() as work_dir:

@@ -87,7 +87,13 @@ def make_run(run_dir: Path, tokenizer, **overrides) -> Path:
     (run_dir / "trainer_state.json").write_text(json.dumps(
         {"global_step": 20, "epoch": 1.0, "train_batch_size": 8, "num_input_tokens_seen": 40960,
          "log_history": history}))
-    (run_dir / "eval_results.json").write_text(json.dumps({"eval_loss": 3.25, "eval_runtime": 1.5, "epoch": 1.0}))
+    # what scripts/train.py saves: eval with and without state carry-over, the unigram baseline, a summary
+    (run_dir / "eval_results.json").write_text(json.dumps(
+        {"eval_loss": 3.25, "eval_perplexity": math.exp(3.25), "eval_runtime": 1.5, "eval_carry_loss": 3.0,
+         "eval_carry_perplexity": math.exp(3.0), "unigram_perplexity": 80.5, "epoch": 1.0}))
+    (run_dir / "train_summary.json").write_text(json.dumps({"sample": "ROMEO.\nTo be ```` or not"}))
+    (run_dir / "training_args.json").write_text(json.dumps(
+        {"learning_rate": 3e-3, "lr_scheduler_type": "cosine", "warmup_steps": 0, "weight_decay": 0.0, "seed": 0}))
     (run_dir / "data_info.json").write_text(json.dumps({"dataset_name": "tiny Hamlet lines", "block_size": 16}))
     return run_dir
 
@@ -162,16 +168,22 @@ def test_card_metadata_and_sections(run_dirs):
     assert data.license == "apache-2.0" and data.language == "en"
     for tag in ("fast-weight-programmer", "delta-rule", "linear-attention", "fwp-delta-elu-plus-one"):
         assert tag in data.tags
-    metrics = {r.metric_type: r.metric_value for r in data.eval_results}
-    assert metrics["loss"] == pytest.approx(3.25)
-    assert metrics["perplexity"] == pytest.approx(math.exp(3.25), rel=1e-4)
+    metrics = {r.metric_name: r.metric_value for r in data.eval_results}
+    assert metrics == {  # the unigram baseline is not this model's result: it stays out of the metadata
+        "validation loss": 3.25, "validation perplexity": pytest.approx(math.exp(3.25), rel=1e-4),
+        "validation loss (fast-weight state carried across segments)": 3.0,
+        "validation perplexity (fast-weight state carried across segments)": pytest.approx(math.exp(3.0), rel=1e-4)}
     assert {r.dataset_split for r in data.eval_results} == {"validation"}
+    assert {r.metric_type for r in data.eval_results} == {"loss", "perplexity"}
     text = card.text
     state = config.num_heads * config.key_dim * config.head_dim
     assert f"**{state:,} numbers**" in text and f"({model.num_parameters():,})" in text
     assert 'AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)' in text
     assert 'repo = "someone/fwp-tiny"' in text and "model.generate(" in text
     assert "| Optimizer steps | 20 |" in text and "| Batch size per device | 8 |" in text
+    assert "| Learning rate | 0.003 |" in text and "| Seed | 0 |" in text and "| Weight decay | 0.0 |" in text
+    assert "| unigram model (baseline, for reference) | 80.50 |" in text.replace("perplexity of a ", "")
+    assert "ROMEO.\nTo be ` ` ` ` or not\n````" in text  # the sample, its fence unbroken
     assert "tiny Hamlet lines" in text and "## Limitations" in text
     assert "@inproceedings{schlag2021linear" in text and "2102.11174" in text
 
@@ -282,25 +294,23 @@ def test_built_folder_has_card_and_run_metadata(built):
 def test_verify_folder_catches_a_missing_sibling_module(built, tmp_path):
     import shutil
 
+    from transformers.dynamic_module_utils import get_relative_imports
+
     built = built["paper"]
     broken = tmp_path / "broken"
     shutil.copytree(built, broken)
-    siblings = [m for m in publish_relative_imports(broken / "modeling_fwp.py")]
-    assert siblings, "modeling_fwp.py imports no sibling module?"
-    (broken / f"{siblings[0]}.py").unlink()
-    with pytest.raises(publish.PublishError, match=f"{siblings[0]}.py was not copied"):
-        publish.verify_folder(broken)
-    shutil.copy(built / f"{siblings[0]}.py", broken)
+    siblings = sorted({m for f in built.glob("*.py") for m in get_relative_imports(f)} - {"configuration_fwp"})
+    assert siblings, "the model code imports no sibling module?"
+    for sibling in siblings:  # each one, even those imported only inside try/except, must ship
+        (broken / f"{sibling}.py").unlink()
+        with pytest.raises(publish.PublishError, match=f"{sibling}.py was not copied"):
+            publish.verify_folder(broken)
+        shutil.copy(built / f"{sibling}.py", broken)
+    publish.verify_folder(broken)
     with open(broken / "modeling_fwp.py", "a") as f:
         f.write("\nimport modeling_fwp\n")
     with pytest.raises(publish.PublishError, match="absolutely"):
         publish.verify_folder(broken)
-
-
-def publish_relative_imports(path):
-    from transformers.dynamic_module_utils import get_relative_imports
-
-    return get_relative_imports(path)
 
 
 # ---------------------------------------------------------------- folders are never half-written
@@ -465,3 +475,31 @@ def test_push_to_hub_with_card_uploads_weights_code_and_the_fwp_card(run_dirs, m
     push_to_hub_with_card(model, "someone/fwp", card_kwargs={"run_dir": run_dirs["paper"]}, commit_message="m")
     assert {"model.safetensors", "config.json", "modeling_fwp.py", "README.md"} <= set(fake.uploaded)
     assert "fast-weight-programmer" in fake.readme and "| Optimizer steps | 20 |" in fake.readme
+
+
+def test_publish_load_check_notices_different_logits(built, run_dirs, tokenizer):
+    """publish.py's own check compares logits for real: a model that differs from the folder fails it."""
+    model = FWPForCausalLM.from_pretrained(run_dirs["paper"]).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.01)
+    with pytest.raises(publish.PublishError, match="logits differ"):
+        publish.check_loads_without_package(built["paper"], model, tokenizer)
+
+
+@pytest.mark.xfail("push_to_hub" not in FWPForCausalLM.__dict__, strict=True,
+                   reason="FWPForCausalLM.push_to_hub is not wired to modeling_fwp.hub_card yet")
+def test_model_push_to_hub_carries_the_fwp_card(run_dirs, monkeypatch):
+    def no_generic_card(*args, **kwargs):  # transformers' own path would fetch the remote card: never here
+        raise AssertionError("transformers' generic card was used")
+
+    monkeypatch.setattr("transformers.utils.hub.create_and_tag_model_card", no_generic_card)
+    assert "push_to_hub" in FWPForCausalLM.__dict__
+    fake = FakeHub(monkeypatch)
+    model = FWPForCausalLM.from_pretrained(run_dirs["paper"])
+    model.add_model_tags(["my-tag"])
+    model.push_to_hub("someone/fwp", commit_message="m", revision="v2")
+    assert {"model.safetensors", "config.json", "modeling_fwp.py", "README.md"} <= set(fake.uploaded)
+    assert "hub_card.py" not in fake.uploaded
+    card = ModelCard(fake.readme)
+    assert {"fast-weight-programmer", "fwp-delta-elu-plus-one", "my-tag"} <= set(card.data.tags)
+    assert [c[0] for c in fake.calls] == ["create_repo", "branch", "upload"]
