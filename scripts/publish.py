@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -26,8 +25,7 @@ import warnings
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("modeling_fwp") is None:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT))  # this checkout's modeling_fwp, installed or not (as scripts/train.py does)
 
 CODE_FILES = ("configuration_fwp.py", "modeling_fwp.py")
 TOKENIZER_FILES = ("tokenizer_config.json",)

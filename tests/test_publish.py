@@ -20,8 +20,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("modeling_fwp") is None:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # the modeling_fwp next to scripts/publish.py, which uses this checkout's too
 
 import modeling_fwp  # noqa: E402  (registers the Auto classes)
 from huggingface_hub import ModelCard  # noqa: E402
