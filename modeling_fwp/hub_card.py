@@ -435,7 +435,7 @@ def push_to_hub_with_card(model, repo_id: str, *, card_kwargs: dict | None = Non
     """
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision is not None:
+    if revision is not None and not revision.startswith("refs/pr"):  # as transformers does: a PR ref exists already
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     kwargs = {"num_parameters": model.num_parameters(), **(card_kwargs or {})}
     card = render_model_card(model.config, repo_id=repo_id, **kwargs)

@@ -72,6 +72,12 @@ def check_paths(output_dir: Path, build_dir: Path, overwrite: bool) -> tuple[Pat
     output_dir, build_dir = output_dir.resolve(), build_dir.resolve()
     if not (output_dir / "config.json").is_file():
         raise PublishError(f"OUTPUT_DIR {output_dir} has no config.json: pass the output_dir a training run saved to")
+    try:
+        model_type = json.loads((output_dir / "config.json").read_text()).get("model_type")
+    except ValueError as err:
+        raise PublishError(f"OUTPUT_DIR {output_dir}: config.json is not valid JSON ({one_line(err)})") from err
+    if model_type != "fwp":
+        raise PublishError(f"OUTPUT_DIR {output_dir} holds a {model_type!r} model, not an FWP model (model_type 'fwp')")
     if is_within(build_dir, output_dir) or is_within(output_dir, build_dir):
         raise PublishError(f"--out {build_dir} must lie outside OUTPUT_DIR {output_dir} (which is never modified)")
     if build_dir.exists():
@@ -350,7 +356,9 @@ def run(args) -> None:
         print(f"  {size:>12,}  {name}")
     if not args.push:
         target = args.repo_id or "REPO_ID"
-        print(f"dry run: nothing uploaded; upload with --push --repo-id {target}")
+        branch = f" --revision {args.revision}" if args.revision else ""
+        print(f"dry run: nothing uploaded; these files go to the Hub with: "
+              f"python scripts/publish.py {args.output_dir} --out {args.build_dir} --overwrite --push --repo-id {target}{branch}")
         return
     repo_id = push(api, build_dir, args)
     from huggingface_hub import constants

@@ -329,6 +329,12 @@ def test_refuses_a_non_empty_out_and_out_inside_output_dir(run_dirs, tmp_path, c
     assert "outside OUTPUT_DIR" in capsys.readouterr().err
     assert snapshot(run_dirs["paper"]) == before
 
+    other = tmp_path / "gpt2"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert publish.main([str(other), "--out", str(tmp_path / "hub")]) == 1
+    assert "not an FWP model" in capsys.readouterr().err and not (tmp_path / "hub").exists()
+
 
 def test_overwrite_replaces_whole_and_a_failed_build_keeps_the_old_folder(run_dirs, tmp_path, monkeypatch, capsys):
     out = tmp_path / "hub"
