@@ -432,6 +432,15 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def push_to_hub(self, repo_id, card_kwargs=None, **kwargs):
+        """Uploads like `PreTrainedModel.push_to_hub`, with the FWP model card (variant, state size, paper) instead of
+        the generic one; `card_kwargs` go to `modeling_fwp.hub_card.render_model_card` (e.g. `run_dir=output_dir`)."""
+        try:  # absolute and guarded: a relative import would ship hub_card.py to the Hub with the model code
+            from modeling_fwp.hub_card import push_to_hub_with_card
+        except ImportError:  # loaded as remote code without the package: transformers' own card
+            return super().push_to_hub(repo_id, **kwargs)
+        return push_to_hub_with_card(self, repo_id, card_kwargs=card_kwargs, **kwargs)
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # generate() gets an FWPCache from the start (never a DynamicCache), so chunked prefill has a cache to fill.
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
