@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""Training throughput of FWPForCausalLM, side by side with same-size fla DeltaNet and transformers Llama (sdpa).
+
+Each model trains on random tokens with AdamW under bf16 autocast (parameters in float32, as the Trainer's --bf16
+does): warm-up steps, then timed steps. Reports global tokens/s (all processes), peak GPU memory per process and
+the last loss (a NaN would show). Prints a markdown table; --json writes the same numbers.
+
+    python scripts/bench_train.py                                   # deltanet-370m, 8 x 2048, one GPU
+    python scripts/bench_train.py --models fwp,fla,llama --json bench.json
+    accelerate launch --config_file configuration/accelerate/multi_gpu_ddp.yaml --num_processes 2 \\
+        scripts/bench_train.py --json bench-2gpu.json                # DDP: batch 8 x 2048 per GPU
+    python scripts/bench_train.py --preset tiny --batch_size 2 --seq_len 64 --steps 2   # CPU smoke run
+
+fla is optional: "fla" is skipped with a note when it does not import (or has no GPU to run on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import modeling_fwp  # noqa: E402,F401  registers "fwp"
+from modeling_fwp import FWPForCausalLM  # noqa: E402
+from modeling_fwp.presets import load_preset  # noqa: E402
+
+MODELS = ("fwp", "fla", "llama")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="deltanet-370m", help="configuration/models preset (name or path)")
+    parser.add_argument("--config_overrides", default="", help='FWPConfig overrides, "k=v,k=v"')
+    parser.add_argument("--models", default="fwp", help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--batch_size", type=int, default=8, help="sequences per process and step")
+    parser.add_argument("--seq_len", type=int, default=2048)
+    parser.add_argument("--warmup_steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="autocast dtype (bf16) or none")
+    parser.add_argument("--learning_rate", type=float, default=3e-4)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="write the results here (main process)")
+    args = parser.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; allowed: {', '.join(MODELS)}")
+    for name in ("batch_size", "seq_len", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.warmup_steps < 0:
+        parser.error("--warmup_steps must be >= 0")
+    return args
+
+
+def parse_overrides(text: str) -> dict:
+    overrides = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--config_overrides: {item!r} is not key=value")
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw
+    return overrides
+
+
+def build_model(name: str, config, seq_len: int):
+    """The FWP model of `config`, or the same-size fla DeltaNet / Llama. Returns (model, note) or (None, reason)."""
+    if name == "fwp":
+        return FWPForCausalLM(config), f"backend {config.kernel_backend}"
+    if name == "fla":
+        try:
+            from fla.models import DeltaNetConfig, DeltaNetForCausalLM
+        except Exception as error:  # optional dependency
+            return None, f"fla does not import ({type(error).__name__})"
+        if not torch.cuda.is_available():
+            return None, "fla kernels need a GPU"
+        fla_config = DeltaNetConfig(
+            hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers, num_heads=config.num_heads,
+            expand_k=config.head_dim * config.num_heads / config.hidden_size,
+            expand_v=config.head_dim * config.num_heads / config.hidden_size, intermediate_size=config.intermediate_size,
+            vocab_size=config.vocab_size, use_short_conv=config.use_short_conv, conv_size=config.conv_size,
+            use_beta=config.use_beta, qk_activation="silu", qk_norm="l2", norm_eps=config.layer_norm_eps,
+            tie_word_embeddings=config.tie_word_embeddings)
+        return DeltaNetForCausalLM(fla_config), "fla chunk kernels"
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama_config = LlamaConfig(
+        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads, head_dim=config.head_dim, vocab_size=config.vocab_size,
+        max_position_embeddings=max(seq_len, 2048), rms_norm_eps=config.layer_norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings)
+    llama_config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(llama_config), "softmax attention, sdpa"
+
+
+def bench_one(name, config, args, accelerator):
+    torch.manual_seed(args.seed)
+    model, note = build_model(name, config, args.seq_len)
+    if model is None:
+        return {"model": name, "skipped": note}
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    parameters = sum(p.numel() for p in model.parameters())
+    model.to(accelerator.device)  # before the optimizer: fused AdamW wants its parameters on the GPU already
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=torch.cuda.is_available())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)  # each rank its own batch
+    batch = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=generator)
+    batch = batch.to(accelerator.device)
+    autocast = (torch.autocast(accelerator.device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
+                else torch.autocast(accelerator.device.type, enabled=False))
+
+    def step():
+        with autocast:
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def synchronize():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        accelerator.wait_for_everyone()
+
+    for _ in range(args.warmup_steps):
+        step()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    last_loss = loss.item()  # also waits for the device
+    synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    peak = accelerator.gather(torch.tensor([peak], device=accelerator.device)).max().item()
+    tokens = args.batch_size * args.seq_len * args.steps * accelerator.num_processes
+    result = {"model": name, "note": note, "parameters_M": parameters / 1e6, "tokens_per_s": tokens / seconds,
+              "step_ms": 1000 * seconds / args.steps, "peak_memory_GiB": peak, "last_loss": last_loss}
+    del model, optimizer, batch
+    accelerator.free_memory()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def markdown(results, header) -> str:
+    lines = [header, "", "| model | params (M) | tokens/s (global) | step (ms) | peak memory / GPU (GiB) | last loss | note |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "skipped" in r:
+            lines.append(f"| {r['model']} | - | - | - | - | - | skipped: {r['skipped']} |")
+            continue
+        peak = "n/a" if math.isnan(r["peak_memory_GiB"]) else f"{r['peak_memory_GiB']:.1f}"
+        lines.append(f"| {r['model']} | {r['parameters_M']:.1f} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.0f} | "
+                     f"{peak} | {r['last_loss']:.3f} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    from accelerate import Accelerator
+
+    args = parse_args(argv)
+    config = load_preset(args.preset, **parse_overrides(args.config_overrides))
+    # mixed_precision="no": the autocast above is the only one, so --dtype means what it says even under an
+    # accelerate config that asks for bf16.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    results = [bench_one(name, config, args, accelerator) for name in args.models]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    info = {"preset": args.preset, "config_overrides": args.config_overrides, "device": device,
+            "processes": accelerator.num_processes, "batch_size_per_process": args.batch_size,
+            "seq_len": args.seq_len, "dtype": args.dtype, "warmup_steps": args.warmup_steps, "steps": args.steps,
+            "gradient_checkpointing": args.gradient_checkpointing, "torch": torch.__version__, "results": results}
+    if accelerator.is_main_process:
+        header = (f"Training throughput: preset {args.preset}, {accelerator.num_processes} x {device}, "
+                  f"{args.batch_size} x {args.seq_len} tokens per process, {args.dtype} autocast, AdamW, "
+                  f"{args.steps} timed steps after {args.warmup_steps} warm-up")
+        print(markdown(results, header))
+        if args.json:
+            Path(args.json).write_text(json.dumps(info, indent=1))
+    return info
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,466 @@
+#!/usr/bin/env python
+"""Train or fine-tune a delta-rule Fast Weight Programmer language model with the Hugging Face Trainer.
+
+With no arguments it follows configuration/recipes/tiny_cpu.json: the "tiny" preset on the embedded Shakespeare
+corpus, a byte-level BPE trained on its training split, into outputs/fwp-tiny-shakespeare (about 10 minutes on
+2 CPU cores). Flags given on the command line override the recipe; `--recipe none` starts from Trainer defaults.
+
+    python scripts/train.py                                            # the README main job
+    python scripts/train.py --preset wt103-small --config_overrides "dropout=0.1,num_hidden_layers=8"
+    python scripts/train.py --model_name_or_path outputs/fwp-tiny-shakespeare --train_file my.txt \\
+        --output_dir outputs/finetuned                                 # fine-tune a saved model
+    python scripts/train.py --carry_state true                         # Transformer-XL style state carry-over
+    python scripts/train.py --packing true                             # documents packed, boundaries as cu_seqlens
+    accelerate launch --config_file configuration/accelerate/multi_gpu_ddp.yaml scripts/train.py ...
+
+Layouts (--packing / --carry_state, see modeling_fwp/data.py): fixed-length blocks of the joined documents
+(default); packed document pieces that never share fast-weight state; or contiguous streams whose fast-weight
+state is carried, detached, from each segment into the next (truncated backprop through time).
+
+At the end it reports validation perplexity (exp of the mean token loss) with and without state carry-over, and
+the unigram baseline; saves model, tokenizer and generation config to output_dir; and prints a generated sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import SequentialSampler
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run from a clone without installing
+
+import modeling_fwp  # noqa: E402  registers model_type "fwp" with the Auto classes
+from modeling_fwp import FWPConfig  # noqa: E402
+from modeling_fwp import data as fwp_data  # noqa: E402
+from modeling_fwp import tokenizer_utils  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    GenerationConfig,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+
+PRESET_DIR = REPO_ROOT / "configuration" / "models"
+RECIPE_DIR = REPO_ROOT / "configuration" / "recipes"
+DEFAULT_RECIPE = "tiny_cpu"
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "tokenizer.json", "tokenizer_config.json", "trainer_state.json")
+
+
+@dataclass
+class ModelArguments:
+    preset: str = field(default="tiny", metadata={
+        "help": "Model preset: a name from configuration/models (without .json) or a path to a config JSON. "
+                "Ignored with --model_name_or_path."})
+    config_overrides: str | None = field(default=None, metadata={
+        "help": 'Comma-separated FWPConfig fields to override, e.g. "num_hidden_layers=2,hidden_size=64,'
+                'feature_map=dpfp". Values are read as JSON where possible, else as strings.'})
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "A saved FWP model (folder or Hub name) to fine-tune instead of training a preset from scratch."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={
+        "help": "Any tokenizer (Hub name or folder). Default: the one saved with --model_name_or_path, else a "
+                "byte-level BPE trained on the training split with the model's vocab_size (cached)."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset name (default: embedded corpus)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration name."})
+    train_file: str | None = field(default=None, metadata={"help": "Local .txt or .json/.jsonl training file."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local validation file (same format)."})
+    test_file: str | None = field(default=None, metadata={"help": "Local test file (same format)."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text of each document."})
+    text_sample_by: str = field(default="document", metadata={
+        "help": "For .txt files: what counts as a document: 'document' (a whole file), 'paragraph' or 'line'."})
+    validation_split_percentage: float = field(default=5.0, metadata={
+        "help": "Without a validation split, the percentage of training documents held out for validation."})
+    block_size: int = field(default=256, metadata={
+        "help": "Tokens per training block, per packed piece, or per carried segment."})
+    packing: bool = field(default=False, metadata={
+        "help": "Pack document pieces without padding (DataCollatorWithFlattening); the model gets the boundaries "
+                "as cu_seq_lens_q and starts every piece from an empty fast-weight state."})
+    carry_state: bool = field(default=False, metadata={
+        "help": "Carry each layer's fast-weight state (detached) from one segment of a contiguous stream into the "
+                "next, in training and evaluation (batch row i always continues stream i)."})
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": "Use at most this many training blocks/pieces (streams: this many x block_size tokens)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "The same for validation."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+
+
+@dataclass
+class RunArguments:
+    recipe: str = field(default=DEFAULT_RECIPE, metadata={
+        "help": "Training recipe from configuration/recipes (name or JSON path) giving defaults for any flag; "
+                "'none' for none. Command-line flags override it."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Allow writing into an output_dir that already holds a model or checkpoints."})
+    sample_prompt: str = field(default="", metadata={"help": "Prompt of the sample printed at the end."})
+    sample_max_new_tokens: int = field(default=200, metadata={"help": "Length of that sample in tokens."})
+    save_replica_checksum: bool = field(default=False, metadata={
+        "help": "Every process writes a checksum of its parameters to output_dir/replica-<rank>.json (to check "
+                "that data-parallel replicas end identical)."})
+
+
+# --------------------------------------------------------------------------------------------- argument handling
+
+def recipe_to_argv(recipe: str) -> list[str]:
+    """A recipe (name in configuration/recipes or JSON path) as command-line flags, so later flags override it."""
+    if recipe.lower() == "none":
+        return []
+    path = Path(recipe) if recipe.endswith(".json") else RECIPE_DIR / f"{recipe}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in RECIPE_DIR.glob("*.json"))
+        raise ValueError(f"--recipe {recipe!r}: no such recipe; known recipes: {', '.join(known)}, 'none', or a path "
+                         "to a JSON file.")
+    argv = []
+    for key, value in json.loads(path.read_text()).items():
+        if key.startswith("_") or value is None:  # "_comment" keys document the recipe
+            continue
+        if isinstance(value, bool):
+            value = [str(value).lower()]
+        elif isinstance(value, list):
+            value = [str(v) for v in value]
+        elif isinstance(value, dict):
+            value = [json.dumps(value)]
+        else:
+            value = [str(value)]
+        argv += [f"--{key}", *value]
+    return argv
+
+
+def parse_arguments(argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", default=DEFAULT_RECIPE)
+    pre.add_argument("--output_dir", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and "--use_cpu" not in argv:
+        # Several processes and no GPU (configuration/accelerate/multi_cpu.yaml): without use_cpu, Accelerate would
+        # leave every process on its own instead of joining them over gloo.
+        argv.append("--use_cpu=true")
+    parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, TrainingArguments))
+    model_args, data_args, run_args, training_args = parser.parse_args_into_dataclasses(
+        args=recipe_to_argv(known.recipe) + argv)
+    if known.output_dir is None:  # recipes name no output_dir: it follows the model and the data
+        model_name = Path(model_args.model_name_or_path or model_args.preset).name.removesuffix(".json")
+        data_name = Path(data_args.dataset_name or data_args.train_file or fwp_data.CORPUS_NAME).name.split(".")[0]
+        training_args.output_dir = str(Path("outputs") / f"fwp-{model_name}-{data_name}")
+    if data_args.packing and data_args.carry_state:
+        raise ValueError("--packing and --carry_state exclude each other: packing resets the state at every "
+                         "document, carry-over keeps it across segments.")
+    return model_args, data_args, run_args, training_args
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    """ "k=v,k=v" -> {k: v}, values read as JSON where possible (numbers, true/false, null) and as strings else."""
+    overrides = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f'--config_overrides: {item!r} is not of the form key=value (e.g. "hidden_size=64").')
+        raw = raw.strip()
+        raw = {"True": "true", "False": "false", "None": "null"}.get(raw, raw)
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw
+    allowed = [name for name in inspect.signature(FWPConfig.__init__).parameters if name not in ("self", "kwargs")]
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"--config_overrides: unknown FWPConfig field(s) {unknown}; allowed: {', '.join(allowed)}.")
+    return overrides
+
+
+def resolve_preset(preset: str) -> Path:
+    path = Path(preset)
+    if preset.endswith(".json") or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"--preset {preset!r}: no such file.")
+        return path
+    path = PRESET_DIR / f"{preset}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+        raise ValueError(f"--preset {preset!r} is not a known preset; known presets: {', '.join(known) or 'none'} "
+                         "(configuration/models), or pass a path to a config JSON.")
+    return path
+
+
+def build_config(model_args: ModelArguments):
+    overrides = parse_config_overrides(model_args.config_overrides)
+    if model_args.model_name_or_path:
+        from transformers import AutoConfig
+
+        path = model_args.model_name_or_path
+        if Path(path).exists() and not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"--model_name_or_path {path!r} holds no config.json: not a saved model folder.")
+        config = AutoConfig.from_pretrained(path)
+        if config.model_type != FWPConfig.model_type:
+            raise ValueError(f"--model_name_or_path {path!r} is a {config.model_type!r} model, not an FWP model.")
+        values = {**config.to_dict(), **overrides}
+    else:
+        values = {**json.loads(resolve_preset(model_args.preset).read_text()), **overrides}
+    for key in [k for k in values if k.startswith("_")] + ["model_type", "transformers_version", "architectures",
+                                                           "auto_map"]:
+        values.pop(key, None)  # bookkeeping of saved configs and "_comment" notes of presets
+    return FWPConfig(**values)  # validates every field
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resume) -> None:
+    """Refuses, before anything is written, to train into a folder that already holds a model or checkpoints."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output_dir {output_dir!r} exists and is not a folder.")
+    if not path.is_dir() or overwrite or resume:
+        return
+    found = [name for name in MODEL_FILES if (path / name).exists()]
+    found += sorted(p.name for p in path.glob("checkpoint-*"))
+    if found:
+        raise ValueError(f"output_dir {output_dir!r} already holds a model ({', '.join(found[:4])}); pass "
+                         "--overwrite_output_dir to train over it, --resume_from_checkpoint to continue it, or "
+                         "choose another --output_dir.")
+
+
+def resolve_resume(value: str | None, output_dir: str):
+    """--resume_from_checkpoint: 'true'/'last' -> the newest checkpoint in output_dir, or a checkpoint folder."""
+    if value is None or value.lower() in ("false", "none", ""):
+        return None
+    if value.lower() in ("true", "last"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint {value}: output_dir {output_dir!r} holds no checkpoint-* "
+                             "folder to resume from.")
+        return last
+    if not Path(value).is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value!r}: no such checkpoint folder.")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------------- trainer
+
+class FWPTrainer(Trainer):
+    """Trainer for FWP language models.
+
+    - Reports `<prefix>_perplexity = exp(<prefix>_loss)` next to every evaluation loss (the mean token negative
+      log-likelihood, so this is the usual token-level perplexity; no Hub metric is fetched).
+    - With carry_state, batches from `data.contiguous_streams` keep their order, and each segment starts from the
+      previous segment's fast-weight state (detached: gradients stay inside the segment, as in Transformer-XL).
+      A batch whose segment_index does not follow the last one (a new epoch, a new evaluation, a resume) starts
+      from empty state. Training and evaluation keep separate states.
+    """
+
+    STREAM_COLUMNS = ("shift_labels", "segment_index")
+
+    def __init__(self, *args, carry_state: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.carry_state = carry_state
+        self._carried = {}  # model.training -> (segment_index, detached FWPCache)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns += [c for c in self.STREAM_COLUMNS if c not in self._signature_columns]
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.carry_state:  # stream order is the point: row i of batch j+1 continues row i of batch j
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+        return super()._get_train_sampler(train_dataset)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "segment_index" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        segment = int(inputs.pop("segment_index")[0])
+        targets = inputs.pop("shift_labels")
+        inputs.pop("labels", None)  # = shift_labels; the loss is computed here, without the model's shift
+        past_segment, cache = self._carried.get(model.training, (None, None))
+        if not self.carry_state or past_segment is None or segment != past_segment + 1:
+            cache = None
+        outputs = model(**inputs, past_key_values=cache, use_cache=self.carry_state)
+        if self.carry_state:
+            self._carried[model.training] = (segment, outputs.past_key_values.detach())
+        else:
+            self._carried.pop(model.training, None)
+        outputs["past_key_values"] = None  # nothing downstream (e.g. prediction gathering) holds on to the state
+        nll = F.cross_entropy(outputs.logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                              reduction="sum")
+        if num_items_in_batch is not None:  # normalised over the whole accumulated (and gathered) batch
+            loss = nll / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+            self.loss_is_scaled_for_ga = True
+        else:
+            loss = nll / targets.ne(-100).sum().clamp(min=1)
+            self.loss_is_scaled_for_ga = False
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        for key in [k for k in logs if k.endswith("_loss") and isinstance(logs[k], (int, float))]:
+            logs[key[: -len("loss")] + "perplexity"] = math.exp(min(logs[key], 100.0))
+        super().log(logs, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- main steps
+
+def load_tokenizer(model_args, training_args, resume, train_texts, vocab_size, log):
+    if model_args.tokenizer_name_or_path:
+        return tokenizer_utils.load_tokenizer(model_args.tokenizer_name_or_path)
+    for folder in (model_args.model_name_or_path, resume and training_args.output_dir):
+        if folder and Path(folder).is_dir() and (Path(folder) / "tokenizer_config.json").is_file():
+            log(f"Using the tokenizer saved in {folder}")
+            return tokenizer_utils.load_tokenizer(folder)
+    return tokenizer_utils.load_or_train_tokenizer(train_texts, vocab_size=vocab_size, log=log)
+
+
+def build_datasets(tokenized, data_args, training_args):
+    """(train, eval, collator) for the chosen layout; plus the validation streams for the carry-over report."""
+    def cap(dataset, limit):
+        return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
+
+    block = data_args.block_size
+    streams = {}
+    for split, batch, limit in (("train", training_args.per_device_train_batch_size, data_args.max_train_samples),
+                                ("validation", training_args.per_device_eval_batch_size, data_args.max_eval_samples)):
+        if split == "train" and not data_args.carry_state:
+            continue
+        streams[split] = fwp_data.contiguous_streams(
+            tokenized[split], block, streams_per_process=batch, world_size=training_args.world_size,
+            max_tokens=None if limit is None else limit * block)
+    if data_args.carry_state:
+        return streams["train"], streams["validation"], default_data_collator, streams["validation"]
+    if data_args.packing:
+        pieces = fwp_data.split_into_pieces(tokenized, block, num_proc=data_args.preprocessing_num_workers)
+        return (cap(pieces["train"], data_args.max_train_samples), cap(pieces["validation"], data_args.max_eval_samples),
+                fwp_data.packing_collator(), streams["validation"])
+    blocks = fwp_data.group_into_blocks(tokenized, block, num_proc=data_args.preprocessing_num_workers)
+    if len(blocks["train"]) == 0 or len(blocks["validation"]) == 0:
+        raise ValueError(f"block_size={block} is longer than the training or validation text; lower --block_size.")
+    return (cap(blocks["train"], data_args.max_train_samples), cap(blocks["validation"], data_args.max_eval_samples),
+            default_data_collator, streams["validation"])
+
+
+def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
+    start = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = start + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("--sample_prompt is empty and the tokenizer has no BOS token to start from.")
+    model.eval()
+    set_seed(seed)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=max_new_tokens)
+    return tokenizer.decode(out[0, len(start):], skip_special_tokens=True)
+
+
+def parameter_checksum(model) -> dict:
+    digest = hashlib.sha256()
+    total = 0.0
+    for name, tensor in sorted(model.state_dict().items()):
+        values = tensor.detach().to("cpu", torch.float64).contiguous()
+        digest.update(name.encode())
+        digest.update(values.numpy().tobytes())
+        total += float(values.sum())
+    return {"sha256": digest.hexdigest(), "sum": total}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, run_args, training_args = parse_arguments(argv)
+    # Every check that can refuse the run happens here, before anything is written.
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, resume)
+    config = build_config(model_args)
+    main_process = training_args.process_index == 0
+
+    def log(message):
+        if main_process:
+            print(message, flush=True)
+
+    set_seed(training_args.seed)
+    with training_args.main_process_first(desc="loading the data"):
+        raw = fwp_data.load_raw_datasets(
+            data_args.dataset_name, data_args.dataset_config, data_args.train_file, data_args.validation_file,
+            data_args.test_file, data_args.text_column, data_args.text_sample_by,
+            data_args.validation_split_percentage, seed=training_args.seed)
+        tokenizer = load_tokenizer(model_args, training_args, resume, raw["train"][data_args.text_column],
+                                   config.vocab_size, log)
+    tokenizer_utils.check_vocab_fits(tokenizer, config.vocab_size)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+
+    with training_args.main_process_first(desc="tokenizing"):
+        tokenized = fwp_data.tokenize_documents(raw, tokenizer, data_args.text_column,
+                                                num_proc=data_args.preprocessing_num_workers)
+    train_dataset, eval_dataset, collator, eval_streams = build_datasets(tokenized, data_args, training_args)
+    unigram = fwp_data.unigram_perplexity(fwp_data.token_stream(tokenized["train"]),
+                                          fwp_data.token_stream(tokenized["validation"]), config.vocab_size)
+    log(f"Unigram baseline perplexity of the validation split: {unigram:.2f}")
+
+    if model_args.model_name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        do_sample=True, temperature=0.8, top_k=50, max_new_tokens=run_args.sample_max_new_tokens)
+    log(f"Model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{len(train_dataset)} training rows of <= {data_args.block_size} tokens, layout "
+        f"{'carried streams' if data_args.carry_state else 'packed pieces' if data_args.packing else 'blocks'}")
+
+    trainer = FWPTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         data_collator=collator, processing_class=tokenizer, carry_state=data_args.carry_state)
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()  # model, tokenizer (processing_class) and generation config
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+
+    metrics = trainer.evaluate()  # the layout trained on (with carry-over when --carry_state)
+    # The same validation streams with and without carry-over: what the carried state is worth.
+    if not data_args.carry_state:
+        trainer.carry_state = True
+        metrics.update(trainer.evaluate(eval_streams, metric_key_prefix="eval_carry"))
+    trainer.carry_state = False
+    metrics.update(trainer.evaluate(eval_streams, metric_key_prefix="eval_nocarry"))
+    trainer.carry_state = data_args.carry_state
+    metrics["unigram_perplexity"] = unigram
+    trainer.save_metrics("eval", metrics)
+
+    summary = {
+        "validation_perplexity": metrics["eval_perplexity"],
+        "validation_perplexity_carry_over": metrics.get("eval_carry_perplexity", metrics["eval_perplexity"]),
+        "validation_perplexity_no_carry_over": metrics["eval_nocarry_perplexity"],
+        "unigram_perplexity": unigram,
+    }
+    if run_args.save_replica_checksum:
+        checksum = parameter_checksum(trainer.accelerator.unwrap_model(trainer.model))
+        Path(training_args.output_dir, f"replica-{training_args.process_index}.json").write_text(json.dumps(checksum))
+    if main_process:
+        summary["sample"] = generate_sample(trainer.accelerator.unwrap_model(trainer.model), tokenizer,
+                                            run_args.sample_prompt, run_args.sample_max_new_tokens,
+                                            training_args.seed)
+        Path(training_args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=1))
+        log(f"\nValidation perplexity: {summary['validation_perplexity']:.2f} "
+            f"(unigram baseline {unigram:.2f}; on contiguous segments of {data_args.block_size}: "
+            f"{summary['validation_perplexity_no_carry_over']:.2f} without, "
+            f"{summary['validation_perplexity_carry_over']:.2f} with fast-weight state carried over)")
+        log(f"Saved model, tokenizer and generation config to {training_args.output_dir}")
+        log(f"Sample:\n{summary['sample']}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
