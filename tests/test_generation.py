@@ -530,41 +530,86 @@ def test_text_generation_pipeline(tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------- scripts/generate.py
-def _run_script(*args):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), *args], capture_output=True,
-                          text=True, env=env, timeout=300)
+def _load_script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_generate_script_from_a_saved_folder(tokenizer, tmp_path):
+def _expected_text(model, tokenizer, prompt, new_tokens):
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    return tokenizer.decode(greedy(model, ids, new_tokens, eos_token_id=tokenizer.eos_token_id)[0],
+                            skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def saved_folder(tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved") / "model"
     model = text_model(tokenizer)
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, model
+
+
+def test_generate_script_command_line_batch_from_a_saved_folder(tokenizer, saved_folder, tmp_path):
+    """The real command line, in a subprocess: a prompt file generated as one left-padded batch."""
+    folder, model = saved_folder
     prompts = ["the delta rule", "hello world, hello"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
-    result = _run_script(str(tmp_path / "model"), "--prompt_file", str(tmp_path / "prompts.txt"),
-                         "--max_new_tokens", "6", "--dtype", "float64", "--prefill_chunk_size", "2")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), str(folder), "--prompt_file",
+                             str(tmp_path / "prompts.txt"), "--max_new_tokens", "6", "--dtype", "float64",
+                             "--prefill_chunk_size", "2"], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        expected = tokenizer.decode(greedy(model, ids, 6, eos_token_id=tokenizer.eos_token_id)[0],
-                                    skip_special_tokens=True)
-        assert expected in result.stdout
-    # a single prompt streams; beam search and sampling flags are accepted
-    streamed = _run_script(str(tmp_path / "model"), "--prompt", prompts[0], "--max_new_tokens", "4",
-                           "--dtype", "float64", "--num_beams", "2")
-    assert streamed.returncode == 0, streamed.stderr
-    sampled = _run_script(str(tmp_path / "model"), "--prompt", prompts[0], "--max_new_tokens", "4", "--do_sample",
-                          "--top_k", "5", "--top_p", "0.9", "--temperature", "0.7", "--seed", "3",
-                          "--repetition_penalty", "1.2")
-    assert sampled.returncode == 0, sampled.stderr
+        assert _expected_text(model, tokenizer, prompt, 6) in result.stdout
 
 
-def test_generate_script_errors_and_preset(tmp_path):
-    missing = _run_script(str(tmp_path / "nowhere"), "--prompt", "hi")
-    assert missing.returncode != 0 and "nowhere" in missing.stderr and "Traceback" not in missing.stderr
-    no_file = _run_script("tiny", "--prompt_file", str(tmp_path / "none.txt"))
-    assert no_file.returncode != 0 and "none.txt" in no_file.stderr and "Traceback" not in no_file.stderr
-    preset = _run_script("tiny", "--prompt_ids", "5,6,7", "--max_new_tokens", "3")
-    assert preset.returncode == 0, preset.stderr
-    assert "random weights" in preset.stderr.lower()
+def test_generate_script_streams_one_prompt_and_takes_the_flags(tokenizer, saved_folder, capsys):
+    folder, model = saved_folder
+    script = _load_script("generate")
+    script.main([str(folder), "--prompt", "the delta rule", "--max_new_tokens", "5", "--dtype", "float64"])
+    assert capsys.readouterr().out.strip() == _expected_text(model, tokenizer, "the delta rule", 5)
+    script.main([str(folder), "--prompt", "hello", "--max_new_tokens", "4", "--dtype", "float64", "--num_beams", "2"])
+    script.main([str(folder), "--prompt", "hello", "--max_new_tokens", "4", "--do_sample", "--top_k", "5",
+                 "--top_p", "0.9", "--temperature", "0.7", "--seed", "3", "--repetition_penalty", "1.2"])
+    script.main([str(folder), "--prompt", "hello", "--max_new_tokens", "3", "--trust_remote_code"])
+    assert capsys.readouterr().out.startswith("hello")
+
+
+def test_generate_script_errors_and_preset(tmp_path, capsys):
+    script = _load_script("generate")
+    for argv, named in (([str(tmp_path / "nowhere"), "--prompt", "hi"], "nowhere"),
+                        (["tiny", "--prompt_file", str(tmp_path / "none.txt")], "none.txt"),
+                        (["no-such-preset", "--prompt", "hi"], "no-such-preset"),
+                        ([str(tmp_path), "--prompt", "hi"], "config.json")):
+        with pytest.raises(SystemExit) as stop:
+            script.main(argv)
+        assert stop.value.code != 0 and named in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        script.main(["tiny", "--prompt_ids", "5,6,7", "--max_new_tokens", "3"])
+    assert capsys.readouterr().out.split()[:3] == ["5", "6", "7"]
+
+
+# ----------------------------------------------------------------------------------------------- scripts/bench_generate.py
+def test_bench_generate_runs_at_tiny_size_on_cpu(tmp_path):
+    """Only that the script runs and reports every case (its numbers are for the GPU, not for a test)."""
+    import json
+
+    bench = _load_script("bench_generate")
+    out = tmp_path / "bench.json"
+    bench.main(["--tiny", "--device", "cpu", "--models", "fwp,fla,llama", "--batch_sizes", "1,2", "--prompt_lengths",
+                "20", "--new_tokens", "3", "--json", str(out), "--markdown", str(tmp_path / "bench.md")])
+    results = json.loads(out.read_text())
+    cases = {(c["model"], c["batch"]): c for c in results["cases"]}
+    assert len(cases) == 6
+    for model in ("fwp", "llama"):
+        for batch in (1, 2):
+            assert cases[(model, batch)]["status"] == "ok" and cases[(model, batch)]["ms_per_token"] is not None
+    assert cases[("fla", 1)]["status"] == "skipped"  # fla's kernels need CUDA
+    # FWP's cache is a fixed-size state; Llama's KV cache holds all 20 + 3 - 1 positions
+    assert cases[("fwp", 2)]["cache_mb"] > 0 and cases[("llama", 2)]["cache_mb"] > 0
+    assert "| batch | prompt |" in (tmp_path / "bench.md").read_text()
