@@ -4,6 +4,7 @@ Every cached path (generate, chunked prefill, multi-turn continuation, left padd
 full forwards over the whole sequence without any cache, which is the definition of the model's output.
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -155,18 +156,37 @@ def test_generate_continues_a_previous_generate_exactly(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_multi_turn_continuation_of_a_left_padded_batch(variant):
+    """Conversations of different lengths whose new turns differ in length too: the new turns are left-padded, so
+    pads sit in the middle of each history, and must still never reach the state or the positions."""
     model = make_model(variant)
     prompts = [random_ids(1, 10, seed=5)[0], random_ids(1, 3, seed=6)[0]]
     ids, mask = left_pad(prompts)
     first = greedy(model, ids, 4, attention_mask=mask, return_dict_in_generate=True)
-    turn = random_ids(2, 3, seed=7)
-    history = torch.cat([first.sequences, turn], dim=1)
-    history_mask = torch.cat([mask, torch.ones(2, 4 + 3, dtype=torch.long)], dim=1)
+    turns = [random_ids(1, 3, seed=7)[0], random_ids(1, 1, seed=8)[0]]
+    turn_ids, turn_mask = left_pad(turns)
+    history = torch.cat([first.sequences, turn_ids], dim=1)
+    history_mask = torch.cat([mask, torch.ones(2, 4, dtype=torch.long), turn_mask], dim=1)
     second = greedy(model, history, 5, attention_mask=history_mask, past_key_values=first.past_key_values,
                     prefill_chunk_size=2)  # the new turn is prefilled in chunks on top of the previous state
-    for row, prompt in enumerate(prompts):
-        alone = torch.cat([prompt[None], first.sequences[row:row + 1, -4:], turn[row:row + 1]], dim=1)
+    for row, (prompt, turn) in enumerate(zip(prompts, turns)):
+        alone = torch.cat([prompt[None], first.sequences[row:row + 1, -4:], turn[None]], dim=1)
         assert torch.equal(second[row, -5:], argmax_loop(model, alone, 5)[0, -5:])
+
+
+def test_continuation_with_more_rows_needs_the_cache_repeated():
+    """generate() expands the inputs for num_return_sequences but not a cache it is handed (for any cache class):
+    a clear error, and after `batch_repeat_interleave` the same draws as a repeated batch."""
+    model = make_model("conv_rotary_prenorm")
+    first = greedy(model, random_ids(2, 6, seed=9), 3, return_dict_in_generate=True)
+    history = torch.cat([first.sequences, random_ids(2, 2, seed=10)], dim=1)
+    with pytest.raises(ValueError, match="holds 2 sequences but this input has 4"):
+        sample(model, history, 0, past_key_values=copy.deepcopy(first.past_key_values), num_return_sequences=2,
+               max_new_tokens=3)
+    repeated = copy.deepcopy(first.past_key_values)
+    repeated.batch_repeat_interleave(2)
+    expanded = sample(model, history, 0, past_key_values=repeated, num_return_sequences=2, max_new_tokens=3)
+    # the same random draws as sampling the repeated histories from scratch, without any cache
+    assert torch.equal(expanded, sample(model, history.repeat_interleave(2, dim=0), 0, max_new_tokens=3))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -281,6 +301,15 @@ def test_decode_state_is_constant_in_context_length():
     assert {n for _, n, _ in shapes[0]} == {"fast_weights", "z", "conv_tail", "row_tokens"}
     heads, key_dim = model.config.num_heads, model.config.key_dim
     assert ("fast_weights", (2, heads, key_dim, model.config.head_dim)) in [(n, s) for _, n, s in shapes[0]]
+
+
+def test_prefill_computes_logits_of_the_last_position_only():
+    """generate() asks for one position of logits (logits_to_keep): [batch, 32768, vocab] would dwarf the state."""
+    model = make_model("delta_net")
+    shapes = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(inputs[0].shape)))
+    greedy(model, random_ids(2, 30), 3)
+    assert shapes == [(2, 1, 32)] * 3
 
 
 def test_decode_step_takes_the_single_token_path(monkeypatch):
