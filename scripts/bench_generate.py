@@ -50,6 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--fwp_backend", default=None, help="override FWPConfig.kernel_backend (default: preset's)")
     parser.add_argument("--prefill_chunk_size", type=int, default=None,
                         help="generation_config.prefill_chunk_size for every model (default: one prefill forward)")
+    parser.add_argument("--budget_s", type=float, default=None,
+                        help="wall-clock budget: each model gets an equal share of what is left, and cases that "
+                             "would start past its share are marked 'not run' (fits a run under a time limit)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--markdown", default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
@@ -232,7 +235,7 @@ def environment(args, device):
 # ------------------------------------------------------------------------------------------------ reporting
 def markdown_table(results, models):
     ok = lambda row, key, fmt: (fmt.format(row[key]) if row.get("status") == "ok" and row.get(key) is not None  # noqa: E731
-                                else ("n/a" if row.get("status") == "ok" else row.get("status", "-").split(":")[0]))
+                                else ("n/a" if row.get("status") == "ok" else row.get("status", "-").split(":")[0].split(" (")[0]))
     by_key = {(r["model"], r["batch"], r["prompt_len"]): r for r in results["cases"]}
     shapes = sorted({(r["batch"], r["prompt_len"]) for r in results["cases"]})
     header = ["batch", "prompt"]
@@ -265,7 +268,12 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     size = TINY if args.tiny else FULL
     results = dict(environment=environment(args, device), size=size, models={}, cases=[])
-    for name in args.models:
+    started = time.perf_counter()
+    for index, name in enumerate(args.models):
+        deadline = None
+        if args.budget_s is not None:
+            left = args.budget_s - (time.perf_counter() - started)
+            deadline = time.perf_counter() + left / (len(args.models) - index)
         reason = unavailable_reason(name, device)
         if reason is not None:
             results["models"][name] = f"skipped: {reason}"
@@ -284,7 +292,10 @@ def main(argv=None):
         print(f"[{name}] {results['models'][name]}", file=sys.stderr)
         for batch in args.batch_sizes:
             for length in args.prompt_lengths:
-                row = run_case(model, name, batch, length, args, device)
+                if deadline is not None and time.perf_counter() > deadline:
+                    row = dict(model=name, batch=batch, prompt_len=length, status="not run (--budget_s)")
+                else:
+                    row = run_case(model, name, batch, length, args, device)
                 results["cases"].append(row)
                 print(f"[{name}] batch {batch} prompt {length}: {json.dumps(row)}", file=sys.stderr)
                 write_outputs(results, args)
