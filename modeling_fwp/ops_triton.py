@@ -21,6 +21,8 @@ TRITON_INTERPRET=1 on CPU (that is how CI tests it).  This module raises ImportE
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 import torch
@@ -291,7 +293,7 @@ def _wy_fwd_kernel(k, v, beta, w, u, linv, cu_seqlens, chunk_indices, T,
 
 
 @triton.jit
-def _state_fwd_kernel(q, k, w, u, o, h, vnew, h0, ht, cu_seqlens, chunk_offsets, T, scale,
+def _state_fwd_kernel(q, k, w, u, o, h, vnew, h0, ht, cu_seqlens, chunk_offsets, T, scale, NHB,
                       H, K, V, BT: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, NKB: tl.constexpr,
                       IS_DELTA: tl.constexpr, IS_VARLEN: tl.constexpr, USE_H0: tl.constexpr,
@@ -446,7 +448,29 @@ def _recurrent_fwd_kernel(q, k, v, beta, o, h0, ht, cu_seqlens, T, scale,
 # backward kernels
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _state_bwd_kernel(q, k, w, do, dh, dvnew, dht, dh0, cu_seqlens, chunk_offsets, T, scale,
+def _wu_from_linv_kernel(k, v, beta, linv, w, u, cu_seqlens, chunk_indices, T, H, K, V,
+                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+                         PREC: tl.constexpr):
+    """W = L^-1 diag(beta) K and U = L^-1 diag(beta) V from the L^-1 the forward saved (no re-inversion)."""
+    i_h, t0, eos, g = _chunk_of_program(cu_seqlens, chunk_indices, tl.program_id(0), tl.program_id(1),
+                                        T, H, BT, IS_VARLEN)
+    dt = k.dtype.element_ty
+    r = tl.arange(0, BT)
+    rows = t0 + r
+    mrow = rows < eos
+    b = tl.load(beta + rows.to(tl.int64) * H + i_h, mask=mrow, other=0.0).to(tl.float32)
+    x = _ld_tok(linv, rows, mrow, i_h, H, BT, 0, BT).to(tl.float32)
+    tm = (tl.where(r[:, None] >= r[None, :], x, 0.0) * b[None, :]).to(dt)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        _st_tok(w, tl.dot(tm, _ld_tok(k, rows, mrow, i_h, H, K, i_k * BK, BK), input_precision=PREC),
+                rows, mrow, i_h, H, K, i_k * BK, BK)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        _st_tok(u, tl.dot(tm, _ld_tok(v, rows, mrow, i_h, H, V, i_v * BV, BV), input_precision=PREC),
+                rows, mrow, i_h, H, V, i_v * BV, BV)
+
+
+@triton.jit
+def _state_bwd_kernel(q, k, w, do, dh, dvnew, dht, dh0, cu_seqlens, chunk_offsets, T, scale, NHB,
                       H, K, V, BT: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, NKB: tl.constexpr,
                       IS_DELTA: tl.constexpr, IS_VARLEN: tl.constexpr, USE_DHT: tl.constexpr,
@@ -633,29 +657,67 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_TUNED: dict = {}
+
+
+def _launch(kernel, grid, args, kwargs, configs, key, plain):
+    """Launch `kernel`.  On a GPU its num_warps / num_stages (and BV for the sequential kernels) are picked
+    by triton.autotune over `configs` (once per `key` values and dtypes); under the interpreter or with
+    TUNE overrides it runs with the fixed meta-parameters `plain`.  grid: function of the meta-parameters."""
+    if configs is None:
+        meta = dict(kwargs, **plain)
+        kernel[grid(meta)](*args, **meta)
+        return
+    ident = (id(kernel), tuple(key), tuple((tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+                                           for c in configs))
+    tuned = _TUNED.get(ident)
+    if tuned is None:
+        tuned = _TUNED[ident] = triton.autotune(configs=configs, key=list(key))(kernel)
+    tuned[grid](*args, **kwargs)
+
+
+def _cfgs(pairs, **meta):
+    return [triton.Config(dict(meta), num_warps=w, num_stages=st) for w, st in pairs]
+
+
 class _Plan:
     """Shapes, block sizes and chunk bookkeeping shared by the launches of one call."""
 
     def __init__(self, q, v, cu_seqlens, chunk_size):
         B, T, H, K = q.shape
         V = v.shape[-1]
+        kp = max(16, _pow2(K))
+        vp = max(16, _pow2(V))
+        item = v.element_size()
+        # The chunk size changes only rounding, not the result.  The sequential kernels keep a chunk's
+        # q, k and w tiles ([BT, K] each) on chip: shrink the chunk where those would overflow shared
+        # memory (K = 512 in bf16, K >= 256 in fp32).
+        while chunk_size > 16 and chunk_size * kp * item * 3 > 96 * 1024:
+            chunk_size //= 2
         self.B, self.T, self.H, self.K, self.V, self.BT = B, T, H, K, V, chunk_size
         self.dtype = v.dtype
         self.prec = "ieee" if v.dtype == torch.float32 else "tf32"
         self.varlen = cu_seqlens is not None
+        self.autotune = q.is_cuda and not _interpreting() and not TUNE
         # Sequential kernels: the state is NKB register blocks of [BK, BV] fp32.
-        kp = max(16, _pow2(K))
         self.BK_s = TUNE.get("BK_state") or (kp if kp <= 64 else (64 if K <= 256 else 128))
         self.NKB = triton.cdiv(K, self.BK_s)
         if self.NKB > 4:
             raise ValueError(f"head dim K={K} needs more than 4 blocks of {self.BK_s}")
-        bv = TUNE.get("BV_state") or (64 if kp <= 128 else (32 if kp <= 256 else 16))
-        self.BV_s = min(bv, max(16, _pow2(V)))
+        bv_max = 64 if kp <= 128 else (32 if kp <= 256 else 16)  # state registers: kp * BV <= 8192 fp32
+        self.BV_s = min(TUNE.get("BV_state") or bv_max, vp)
+        self.bv_options = sorted({min(b, vp) for b in (bv_max // 2, bv_max) if b >= 16})
         # Parallel kernels loop over K and V in blocks of BK / BV.
         self.BK = min(TUNE.get("BK") or 64, kp)
-        self.BV = min(TUNE.get("BV") or 64, max(16, _pow2(V)))
+        self.BV = min(TUNE.get("BV") or 64, vp)
         self.warps_s = TUNE.get("warps_state") or (4 if kp * self.BV_s <= 8192 else 8)
-        self.stages_s = TUNE.get("stages_state") or 2
+        # Loads of the next chunk are software-pipelined; deeper where the tiles leave shared memory room.
+        tile_bytes = chunk_size * kp * item * 3
+        self.stages_s = TUNE.get("stages_state") or (3 if tile_bytes * 3 <= 200 * 1024 else 2)
         self.warps = TUNE.get("warps") or 4
         if self.varlen:
             cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
@@ -679,24 +741,46 @@ class _Plan:
             self.G = B * nt
             self.cu = self.chunk_offsets = self.chunk_indices = None
             self.grid_chunks = (nt, B * H)
+        # Autotuning key for the sequential kernels: how many (sequence, head) programs there are.
+        self.NHB = min(_pow2(self.N * H), 1024)
         fused = TUNE.get("fused_output")
         if fused is None:
-            # The output is parallel work; folding it into the sequential kernel pays when there are
-            # enough (sequence, head, V block) programs to fill the GPU, otherwise a parallel kernel is better.
-            fused = self.N * H * triton.cdiv(V, self.BV_s) >= 128
+            # Folding the output into the sequential kernel saves storing and re-reading the chunk states;
+            # a separate parallel kernel wins when very few (sequence, head) programs run (measured, H100).
+            fused = self.N * H >= 32
         self.fused = fused
 
-    def seq_grid(self):
-        return (triton.cdiv(self.V, self.BV_s), self.N * self.H)
+    def common(self):
+        return dict(H=self.H, K=self.K, V=self.V, BT=self.BT, IS_VARLEN=self.varlen, PREC=self.prec)
+
+    def run_seq(self, kernel, args, flags, key_flags):
+        """A chunk-sequential kernel, grid (V blocks, sequences x heads)."""
+        nh = self.N * self.H
+
+        def grid(meta):
+            return (triton.cdiv(self.V, meta["BV"]), nh)
+        kwargs = dict(self.common(), BK=self.BK_s, NKB=self.NKB, **flags)
+        configs = None
+        if self.autotune:
+            configs = [triton.Config(dict(BV=bv), num_warps=4 if self.BK_s * self.NKB * bv <= 8192 else 8,
+                                     num_stages=st) for bv in self.bv_options for st in (2, 3, 4)]
+        _launch(kernel, grid, args, kwargs, configs, ("K", "V", "BT", "NHB") + tuple(key_flags),
+                dict(BV=self.BV_s, num_warps=self.warps_s, num_stages=self.stages_s))
+
+    def run_par(self, kernel, args, extra, key_flags=(), nsplit=None, pairs=((2, 2), (4, 2), (4, 3), (8, 2))):
+        """A chunk-parallel kernel, grid (chunks, heads[, nsplit])."""
+        grid_c = self.grid_chunks if nsplit is None else self.grid_chunks + (nsplit,)
+        kwargs = dict(self.common(), BK=self.BK, BV=self.BV, **extra)
+        _launch(kernel, lambda meta: grid_c, args, kwargs, _cfgs(pairs) if self.autotune else None,
+                ("K", "V", "BT") + tuple(key_flags), dict(num_warps=self.warps, num_stages=2))
 
 
 def _wy_fwd(p: _Plan, k, v, beta, store_linv):
     w = torch.empty_like(k)
     u = torch.empty_like(v)
     linv = k.new_empty(p.B, p.T, p.H, p.BT) if store_linv else w
-    _wy_fwd_kernel[p.grid_chunks](k, v, beta, w, u, linv, p.cu, p.chunk_indices, p.T,
-                                  H=p.H, K=p.K, V=p.V, BT=p.BT, BK=p.BK, BV=p.BV, IS_VARLEN=p.varlen,
-                                  STORE_LINV=store_linv, PREC=p.prec, num_warps=p.warps)
+    p.run_par(_wy_fwd_kernel, (k, v, beta, w, u, linv, p.cu, p.chunk_indices, p.T), dict(STORE_LINV=store_linv),
+              key_flags=("STORE_LINV",), pairs=((1, 1), (2, 1), (4, 1)))
     return w, u, linv
 
 
@@ -706,39 +790,41 @@ def _state_fwd(p: _Plan, q, k, w, u, scale, h0, want_ht, store_h, write_o, is_de
     vnew = torch.empty_like(u) if (store_h and is_delta) else None
     ht = q.new_empty(p.N, p.H, p.K, p.V, dtype=torch.float32) if want_ht else None
     dummy = u
-    _state_fwd_kernel[p.seq_grid()](
-        q, k, w if is_delta else dummy, u, o if write_o else dummy, h if store_h else dummy,
-        vnew if vnew is not None else dummy, h0 if h0 is not None else dummy, ht if want_ht else dummy,
-        p.cu, p.chunk_offsets, p.T, scale,
-        H=p.H, K=p.K, V=p.V, BT=p.BT, BK=p.BK_s, BV=p.BV_s, NKB=p.NKB, IS_DELTA=is_delta,
-        IS_VARLEN=p.varlen, USE_H0=h0 is not None, STORE_HT=want_ht, STORE_H=store_h,
-        STORE_VNEW=vnew is not None, WRITE_O=write_o, PREC=p.prec,
-        num_warps=p.warps_s, num_stages=p.stages_s)
+    args = (q, k, w if is_delta else dummy, u, o if write_o else dummy, h if store_h else dummy,
+            vnew if vnew is not None else dummy, h0 if h0 is not None else dummy, ht if want_ht else dummy,
+            p.cu, p.chunk_offsets, p.T, scale, p.NHB)
+    flags = dict(IS_DELTA=is_delta, USE_H0=h0 is not None, STORE_HT=want_ht, STORE_H=store_h,
+                 STORE_VNEW=vnew is not None, WRITE_O=write_o)
+    p.run_seq(_state_fwd_kernel, args, flags, ("IS_DELTA", "WRITE_O", "STORE_H"))
     return o, h, (vnew if is_delta else u), ht
 
 
-def _forward(p: _Plan, q, k, v, beta, scale, h0, want_ht, is_delta):
+def _forward(p: _Plan, q, k, v, beta, scale, h0, want_ht, is_delta, keep_linv=False):
+    """Returns o, the final state (or None) and L^-1 when keep_linv (the backward then skips the inversion)."""
+    linv = None
     if is_delta:
-        w, u, _ = _wy_fwd(p, k, v, beta, store_linv=False)
+        w, u, linv = _wy_fwd(p, k, v, beta, store_linv=keep_linv)
+        linv = linv if keep_linv else None
     else:
         w, u = None, v
     if p.fused:
         o, _, _, ht = _state_fwd(p, q, k, w, u, scale, h0, want_ht, store_h=False, write_o=True,
                                  is_delta=is_delta)
-        return o, ht
+        return o, ht, linv
     _, h, vnew, ht = _state_fwd(p, q, k, w, u, scale, h0, want_ht, store_h=True, write_o=False,
                                is_delta=is_delta)
     o = torch.empty_like(v)
-    nv = triton.cdiv(p.V, p.BV)
-    _output_kernel[p.grid_chunks + (nv,)](q, k, vnew, h, o, p.cu, p.chunk_indices, p.T, scale,
-                                          H=p.H, K=p.K, V=p.V, BT=p.BT, BK=p.BK, BV=p.BV,
-                                          IS_VARLEN=p.varlen, PREC=p.prec, num_warps=p.warps)
-    return o, ht
+    p.run_par(_output_kernel, (q, k, vnew, h, o, p.cu, p.chunk_indices, p.T, scale), {},
+              nsplit=triton.cdiv(p.V, p.BV))
+    return o, ht, linv
 
 
-def _backward(p: _Plan, q, k, v, beta, scale, h0, do, dht, is_delta):
-    if is_delta:
+def _backward(p: _Plan, q, k, v, beta, scale, h0, do, dht, is_delta, linv=None):
+    if is_delta and linv is None:
         w, u, linv = _wy_fwd(p, k, v, beta, store_linv=True)
+    elif is_delta:
+        w, u = torch.empty_like(k), torch.empty_like(v)
+        p.run_par(_wu_from_linv_kernel, (k, v, beta, linv, w, u, p.cu, p.chunk_indices, p.T), {})
     else:
         w, u, linv = None, v, None
     _, h, vnew, _ = _state_fwd(p, q, k, w, u, scale, h0, False, store_h=True, write_o=False,
@@ -746,28 +832,22 @@ def _backward(p: _Plan, q, k, v, beta, scale, h0, do, dht, is_delta):
     dh = torch.empty_like(h)
     dvnew = torch.empty_like(v)
     dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None else None
-    _state_bwd_kernel[p.seq_grid()](
-        q, k, w if is_delta else q, do, dh, dvnew, dht if dht is not None else do,
-        dh0 if dh0 is not None else do, p.cu, p.chunk_offsets, p.T, scale,
-        H=p.H, K=p.K, V=p.V, BT=p.BT, BK=p.BK_s, BV=p.BV_s, NKB=p.NKB, IS_DELTA=is_delta,
-        IS_VARLEN=p.varlen, USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=p.prec,
-        num_warps=p.warps_s, num_stages=p.stages_s)
+    args = (q, k, w if is_delta else q, do, dh, dvnew, dht if dht is not None else do,
+            dh0 if dh0 is not None else do, p.cu, p.chunk_offsets, p.T, scale, p.NHB)
+    flags = dict(IS_DELTA=is_delta, USE_DHT=dht is not None, STORE_DH0=dh0 is not None)
+    p.run_seq(_state_bwd_kernel, args, flags, ("IS_DELTA",))
     dq = torch.empty_like(q)
     dk = torch.empty_like(k, dtype=torch.float32) if is_delta else torch.empty_like(k)
     dw = torch.empty_like(k) if is_delta else dk
-    nk = triton.cdiv(p.K, p.BK)
-    _dqk_kernel[p.grid_chunks + (nk,)](q, k, vnew, h, do, dh, dvnew, dq, dk, dw, p.cu, p.chunk_indices,
-                                       p.T, scale, H=p.H, K=p.K, V=p.V, BT=p.BT, BK=p.BK, BV=p.BV,
-                                       IS_DELTA=is_delta, IS_VARLEN=p.varlen, PREC=p.prec,
-                                       num_warps=p.warps)
+    p.run_par(_dqk_kernel, (q, k, vnew, h, do, dh, dvnew, dq, dk, dw, p.cu, p.chunk_indices, p.T, scale),
+              dict(IS_DELTA=is_delta), key_flags=("IS_DELTA",), nsplit=triton.cdiv(p.K, p.BK))
     if not is_delta:
         return dq, dk, dvnew, None, dh0
     dk_out = torch.empty_like(k)
     dv = torch.empty_like(v)
     dbeta = torch.empty_like(beta)
-    _wy_bwd_kernel[p.grid_chunks](k, v, beta, linv, dw, dvnew, dk, dk_out, dv, dbeta, p.cu,
-                                  p.chunk_indices, p.T, H=p.H, K=p.K, V=p.V, BT=p.BT, BK=p.BK, BV=p.BV,
-                                  IS_VARLEN=p.varlen, PREC=p.prec, num_warps=p.warps)
+    p.run_par(_wy_bwd_kernel, (k, v, beta, linv, dw, dvnew, dk, dk_out, dv, dbeta, p.cu, p.chunk_indices, p.T),
+              {})
     return dq, dk_out, dv, dbeta, dh0
 
 
@@ -775,18 +855,19 @@ class _ChunkRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, scale, h0, output_final_state, cu_seqlens, chunk_size, is_delta):
         p = _Plan(q, v, cu_seqlens, chunk_size)
-        o, ht = _forward(p, q, k, v, beta, scale, h0, output_final_state, is_delta)
-        ctx.save_for_backward(q, k, v, beta, h0, cu_seqlens)
+        o, ht, linv = _forward(p, q, k, v, beta, scale, h0, output_final_state, is_delta,
+                               keep_linv=is_delta and any(ctx.needs_input_grad))
+        ctx.save_for_backward(q, k, v, beta, h0, cu_seqlens, linv)
         ctx.scale, ctx.chunk_size, ctx.is_delta = scale, chunk_size, is_delta
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, h0, cu_seqlens = ctx.saved_tensors
+        q, k, v, beta, h0, cu_seqlens, linv = ctx.saved_tensors
         p = _Plan(q, v, cu_seqlens, ctx.chunk_size)
         dht = dht.float().contiguous() if dht is not None else None
         dq, dk, dv, dbeta, dh0 = _backward(p, q, k, v, beta, ctx.scale, h0, do.contiguous(), dht,
-                                           ctx.is_delta)
+                                           ctx.is_delta, linv)
         if dh0 is not None:
             dh0 = dh0.to(h0.dtype)
         return dq, dk, dv, dbeta, None, dh0, None, None, None, None

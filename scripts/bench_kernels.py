@@ -209,51 +209,59 @@ def check(args):
         (2, 700, 4, 64, 64, None, torch.float32, "sum"),
         (2, 700, 4, 128, 64, None, torch.bfloat16, "sum"),
     ]
-    for (B, T, H, K, V, cu, dt, rule) in cases:
-        N = B if cu is None else len(cu) - 1
-        q, k, v, beta = make_inputs(B, T, H, K, V, dtype=dt, grad=True, seed=1)
-        h0 = torch.randn(N, H, K, V, device="cuda", requires_grad=True)
-        cut = torch.tensor(cu, device="cuda", dtype=torch.int32) if cu else None
-        scale = K ** -0.5
-        if rule == "delta":
-            o, ht = ops_triton.delta_rule_triton(q, k, v, beta, scale, h0, True, cut, 64)
-            leaves = [q, k, v, beta, h0]
-        else:
-            o, ht = ops_triton.sum_rule_triton(q, k, v, scale, h0, True, cut, 64)
-            leaves = [q, k, v, h0]
-        go, gh = torch.randn_like(o, dtype=torch.float32), torch.randn_like(ht)
-        grads = torch.autograd.grad((o.float() * go).sum() + (ht * gh).sum(), leaves)
-        ref_leaves = [x.detach().double().requires_grad_(True) for x in leaves]
-        rq, rk, rv = ref_leaves[:3]
-        rb = ref_leaves[3] if rule == "delta" else None
-        ro, rh = reference64(rq, rk, rv, rb, scale, ref_leaves[-1], cu, rule)
-        rgrads = torch.autograd.grad((ro * go.double()).sum() + (rh * gh.double()).sum(), ref_leaves)
-        rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
-        errs = {"o": rel(o, ro), "state": rel(ht, rh)}
-        for name, a, b in zip(["dq", "dk", "dv", "dbeta", "dh0"] if rule == "delta" else ["dq", "dk", "dv", "dh0"],
-                              grads, rgrads):
-            errs[name] = rel(a, b)
-        entry = dict(case=f"{rule} B{B} T{T} H{H} K{K} V{V} cu={cu} {str(dt)[6:]}", vs="float64 loop", errs=errs)
-        if fla_delta is not None and dt == torch.bfloat16 and cu is None:
-            # fla on the same bf16 inputs: how far apart are two bf16 implementations (for scale)
-            fq, fk, fv, fb, fh = [x.detach().clone().requires_grad_(True) for x in leaves[:4]] + \
-                [h0.detach().clone().requires_grad_(True)]
-            if rule == "delta":
-                fo, fht = fla_delta(fq, fk, fv, fb, scale=scale, initial_state=fh, output_final_state=True)
-                fl = [fq, fk, fv, fb, fh]
-            else:
-                fo, fht = fla_simple_gla(fq, fk, fv, scale=scale, initial_state=fh, output_final_state=True)
-                fl = [fq, fk, fv, fh]
-            fgr = torch.autograd.grad((fo.float() * go).sum() + (fht * gh).sum(), fl)
-            entry["fla_vs_float64"] = {"o": rel(fo, ro), "state": rel(fht, rh)}
-            names = ["dq", "dk", "dv", "dbeta", "dh0"] if rule == "delta" else ["dq", "dk", "dv", "dh0"]
-            for n, a, b in zip(names, fgr, rgrads):
-                entry["fla_vs_float64"][n] = rel(a, b)
-        results.append(entry)
-        print(entry["case"], " ".join(f"{n}={e:.1e}" for n, e in errs.items()),
-              ("| fla: " + " ".join(f"{n}={e:.1e}" for n, e in entry["fla_vs_float64"].items()))
-              if "fla_vs_float64" in entry else "", flush=True)
+    for case in cases:
+        try:
+            results.append(check_one(*case))
+        except Exception as e:  # report and go on with the other cases
+            print(f"check {case}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            results.append(dict(case=str(case), error=f"{type(e).__name__}: {str(e)[:300]}"))
     return results
+
+
+def check_one(B, T, H, K, V, cu, dt, rule):
+    N = B if cu is None else len(cu) - 1
+    q, k, v, beta = make_inputs(B, T, H, K, V, dtype=dt, grad=True, seed=1)
+    h0 = torch.randn(N, H, K, V, device="cuda", requires_grad=True)
+    cut = torch.tensor(cu, device="cuda", dtype=torch.int32) if cu else None
+    scale = K ** -0.5
+    if rule == "delta":
+        o, ht = ops_triton.delta_rule_triton(q, k, v, beta, scale, h0, True, cut, 64)
+        leaves = [q, k, v, beta, h0]
+    else:
+        o, ht = ops_triton.sum_rule_triton(q, k, v, scale, h0, True, cut, 64)
+        leaves = [q, k, v, h0]
+    go, gh = torch.randn_like(o, dtype=torch.float32), torch.randn_like(ht)
+    grads = torch.autograd.grad((o.float() * go).sum() + (ht * gh).sum(), leaves)
+    ref_leaves = [x.detach().double().requires_grad_(True) for x in leaves]
+    rq, rk, rv = ref_leaves[:3]
+    rb = ref_leaves[3] if rule == "delta" else None
+    ro, rh = reference64(rq, rk, rv, rb, scale, ref_leaves[-1], cu, rule)
+    rgrads = torch.autograd.grad((ro * go.double()).sum() + (rh * gh.double()).sum(), ref_leaves)
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    errs = {"o": rel(o, ro), "state": rel(ht, rh)}
+    for name, a, b in zip(["dq", "dk", "dv", "dbeta", "dh0"] if rule == "delta" else ["dq", "dk", "dv", "dh0"],
+                          grads, rgrads):
+        errs[name] = rel(a, b)
+    entry = dict(case=f"{rule} B{B} T{T} H{H} K{K} V{V} cu={cu} {str(dt)[6:]}", vs="float64 loop", errs=errs)
+    if fla_delta is not None and dt == torch.bfloat16 and cu is None:
+        # fla on the same bf16 inputs: how far apart are two bf16 implementations (for scale)
+        fq, fk, fv, fb, fh = [x.detach().clone().requires_grad_(True) for x in leaves[:4]] + \
+            [h0.detach().clone().requires_grad_(True)]
+        if rule == "delta":
+            fo, fht = fla_delta(fq, fk, fv, fb, scale=scale, initial_state=fh, output_final_state=True)
+            fl = [fq, fk, fv, fb, fh]
+        else:
+            fo, fht = fla_simple_gla(fq, fk, fv, scale=scale, initial_state=fh, output_final_state=True)
+            fl = [fq, fk, fv, fh]
+        fgr = torch.autograd.grad((fo.float() * go).sum() + (fht * gh).sum(), fl)
+        entry["fla_vs_float64"] = {"o": rel(fo, ro), "state": rel(fht, rh)}
+        names = ["dq", "dk", "dv", "dbeta", "dh0"] if rule == "delta" else ["dq", "dk", "dv", "dh0"]
+        for n, a, b in zip(names, fgr, rgrads):
+            entry["fla_vs_float64"][n] = rel(a, b)
+    print(entry["case"], " ".join(f"{n}={e:.1e}" for n, e in errs.items()),
+          ("| fla: " + " ".join(f"{n}={e:.1e}" for n, e in entry["fla_vs_float64"].items()))
+          if "fla_vs_float64" in entry else "", flush=True)
+    return entry
 
 
 def sweep(args):
@@ -262,9 +270,10 @@ def sweep(args):
         dict(),
         dict(fused_output=True),
         dict(fused_output=False),
-        dict(fused_output=False, BV_state=32),
-        dict(fused_output=True, BV_state=32),
-        dict(fused_output=False, BV_state=32, warps_state=8),
+        dict(dv_local=False),
+        dict(BV_state=32),
+        dict(warps_state=8),
+        dict(stages_state=1),
         dict(stages_state=3),
         dict(warps=8),
     ]
@@ -286,6 +295,46 @@ def sweep(args):
     return out
 
 
+def profile(args):
+    """GPU time per kernel for one forward+backward (torch.profiler), ours and fla, at the K=64 shapes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    out = []
+    for (B, T, H, K, V) in [s for s in SHAPES if s[3] == 64]:
+        for be in ("triton", "fla"):
+            fn = runner(be, args.rule)
+            if fn is None:
+                continue
+            q, k, v, beta = make_inputs(B, T, H, K, V, grad=True)
+            do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+
+            def step():
+                fn(q, k, v, beta).backward(do)
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            reps = 5
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(reps):
+                    step()
+                torch.cuda.synchronize()
+            rows = []
+            for e in prof.key_averages():
+                t = getattr(e, "self_device_time_total", None)
+                if t is None:
+                    t = getattr(e, "self_cuda_time_total", 0)
+                if t > 0:
+                    rows.append((t / reps / 1e3, e.count // reps, e.key))
+            rows.sort(reverse=True)
+            total = sum(r[0] for r in rows)
+            print(f"profile {be} {B}x{T} K={K} fwd+bwd: kernels sum {total:.3f} ms", flush=True)
+            for ms, n, name in rows[:12]:
+                print(f"    {ms:7.3f} ms  x{n:<3d} {name[:90]}", flush=True)
+            out.append(dict(backend=be, shape=[B, T, H, K, V], total_ms=total,
+                            kernels=[dict(ms=a, calls=b, name=c) for a, b, c in rows]))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write results here")
@@ -293,10 +342,23 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time a few kernel settings")
     ap.add_argument("--sweep-k", type=lambda s: [int(x) for x in s.split(",")], default=None)
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="per-kernel GPU time, ours and fla")
+    ap.add_argument("--warm", type=int, default=None,
+                    help="only run shape #WARM once per backend (fills triton's disk cache; run several at once)")
     ap.add_argument("--quick", action="store_true", help="first two shapes only")
     ap.add_argument("--rule", default="delta", choices=["delta", "sum"])
     ap.add_argument("--backends", default="triton,chunk,fla,sdpa")
     args = ap.parse_args()
+    if args.warm is not None:  # compile (and autotune) one shape's kernels, so the timed run finds them cached
+        B, T, H, K, V = SHAPES[args.warm]
+        for be in args.backends.split(","):
+            fn = runner(be, args.rule)
+            if fn is None or be in ("chunk", "sdpa"):
+                continue
+            for bwd in (False, True):
+                time_one(fn, B, T, H, K, V, bwd, be)
+            print(f"warm {be} {SHAPES[args.warm]} done", flush=True)
+        return
     result = {}
     t0 = time.time()
 
@@ -308,11 +370,14 @@ def main():
     if args.check:
         result["check"] = check(args)
         save()
-    if not args.no_bench:
-        result["bench"] = bench(args)
+    if args.profile:
+        result["profile"] = profile(args)
         save()
     if args.sweep:
         result["sweep"] = sweep(args)
+        save()
+    if not args.no_bench:
+        result["bench"] = bench(args)
         save()
 
 if __name__ == "__main__":
