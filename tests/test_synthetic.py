@@ -157,7 +157,10 @@ def test_padding_and_compaction_are_exact():
 
     together = train(specs, compact_after=2)
     assert len(together.specs) == 9
-    for r, run in enumerate(together.specs):
+    checked = [sr.RunSpec(2, "linear", "delta", 4), sr.RunSpec(2, "dpfp1", "delta", 4),  # padded in S, L, d_dot
+               sr.RunSpec(2, "dpfp1", "delta", 7), sr.RunSpec(2, "dpfp2", "sum", 7)]
+    for run in checked:
+        r = together.specs.index(run)
         alone = train([run])
         mine, reference = unpadded_parameters(together, r), unpadded_parameters(alone, 0)
         for name in mine:
@@ -212,8 +215,14 @@ def test_quick_mode_end_to_end(tmp_path):
     out = tmp_path / "quick"
     results_md = tmp_path / "RESULTS.md"
     results_md.write_text("# Results\n\nother section\n")
-    sr.main(["--quick", "--out", str(out), "--max-steps", "40", "--eval-every", "20", "--results-md", str(results_md)])
+    threads = torch.get_num_threads()
+    try:  # one thread: the tiny ops of --quick gain nothing from more, and lose a lot on a busy machine
+        sr.main(["--quick", "--out", str(out), "--max-steps", "40", "--eval-every", "20", "--results-md",
+                 str(results_md), "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
     rows = sr.load_csv(out / "results.csv")
+    assert len(rows) == len(sr.plan("quick"))  # one row per run: finished runs are not reported again
     assert {(r["setting"], r["model"], r["rule"], r["S"]) for r in rows} == {s.key()[:4] for s in sr.plan("quick")}
     assert all(math.isfinite(r["final_eval_loss"]) and r["steps"] in (20, 40) for r in rows)
     for name in ("curves.csv", "report.md", "fig2_capacity.png", "fig3_learning_curves.png", "fig5_update_rules.png"):
