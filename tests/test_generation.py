@@ -22,7 +22,6 @@ from transformers import (
     pipeline,
 )
 
-import modeling_fwp.ops_chunk  # noqa: F401  (patched below to prove decoding never takes the chunk path)
 from modeling_fwp import FWPCache, FWPConfig, FWPForCausalLM, ops
 
 REPO = Path(__file__).resolve().parent.parent
