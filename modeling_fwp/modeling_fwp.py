@@ -392,6 +392,7 @@ class FWPModel(FWPPreTrainedModel):
             hidden = hidden + sinusoidal_embedding(layout.positions, self.config.hidden_size, self.config.rope_theta).to(hidden.dtype)
         hidden = self.dropout(hidden)
         all_hidden = [layout.unpack(hidden)] if output_hidden_states else None
+        new_states = []
         for idx, block in enumerate(self.layers):
             state = past_key_values[idx] if past_key_values is not None else None
             hidden, fast_weights, z, conv_tail = block(
@@ -399,10 +400,12 @@ class FWPModel(FWPPreTrainedModel):
                 fast_weights=state.fast_weights if state else None, z=state.z if state else None,
                 conv_tail=state.conv_tail if state else None,
             )
-            if past_key_values is not None:
-                past_key_values.write(idx, fast_weights, z, conv_tail, seq_len, layout.row_tokens)
+            new_states.append((fast_weights, z, conv_tail))
             if output_hidden_states:
                 all_hidden.append(layout.unpack(hidden))
+        if past_key_values is not None:  # commit only once every layer ran: a failed forward leaves the cache intact
+            for idx, (fast_weights, z, conv_tail) in enumerate(new_states):
+                past_key_values.write(idx, fast_weights, z, conv_tail, seq_len, layout.row_tokens)
         if self.norm is not None:
             hidden = self.norm(hidden)
             if output_hidden_states:

@@ -276,3 +276,15 @@ def test_bad_inputs_are_refused_with_a_clear_error():
     with pytest.raises(TypeError, match="FWPCache"):
         model(ids(1, 2), past_key_values=(torch.zeros(1),))
     assert isinstance(cache, FWPCache)
+
+
+def test_a_failed_forward_leaves_the_cache_untouched(monkeypatch):
+    model = tiny_model()
+    cache = model(ids(1, 5), use_cache=True).past_key_values
+    before = [layer.fast_weights.clone() for layer in cache.layers]
+    last_block = model.model.layers[-1]
+    monkeypatch.setattr(last_block, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError):
+        model(ids(1, 3), past_key_values=cache)
+    assert cache.get_seq_length() == 5
+    assert all(torch.equal(a, layer.fast_weights) for a, layer in zip(before, cache.layers))
