@@ -8,6 +8,7 @@ import torch
 
 from modeling_fwp import ops
 from modeling_fwp.ops import BACKENDS, available_backends, delta_rule, delta_rule_recurrent, sum_rule, sum_rule_recurrent
+from modeling_fwp.ops_chunk import unit_lower_inverse
 
 # Triton runs on CPU only through its interpreter; its own tests live with the triton helper's files.
 _TRITON_ON_CPU = (Path(ops.__file__).with_name("ops_triton.py").exists() and os.environ.get("TRITON_INTERPRET") == "1"
@@ -266,6 +267,21 @@ def test_chunk_backward_gradcheck():
         return delta_rule(q, k, v, beta, initial_state=state, output_final_state=True, backend="chunk", chunk_size=2)
 
     assert torch.autograd.gradcheck(both_outputs, leaves)
+
+
+@pytest.mark.parametrize("size", [1, 5, 8, 63, 64, 77])
+def test_unit_lower_inverse_matches_dense_inverse(size):
+    strict_lower = 0.3 * torch.randn(3, size, size, dtype=torch.float64).tril(-1)
+    expected = torch.linalg.inv(strict_lower + torch.eye(size, dtype=torch.float64))
+    torch.testing.assert_close(unit_lower_inverse(strict_lower), expected)
+
+
+def test_unit_lower_inverse_fp32_with_identical_keys():
+    """Worst case for the power-product form: all keys equal (A = all ones below the diagonal)."""
+    keys = torch.nn.functional.normalize(torch.randn(2, 1, 64), dim=-1).expand(2, 64, 64)
+    strict_lower = (keys @ keys.transpose(-1, -2)).tril(-1)
+    expected = torch.linalg.inv(strict_lower.double() + torch.eye(64, dtype=torch.float64))
+    torch.testing.assert_close(unit_lower_inverse(strict_lower).double(), expected, rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- bad inputs
