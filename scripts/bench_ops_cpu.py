@@ -1,0 +1,165 @@
+"""CPU timing of the delta-rule ops, side by side in one process:
+
+- ours, backend="chunk" (pure PyTorch WY form with a hand-written backward),
+- transformers' `torch_chunk_gated_delta_rule` (Qwen3-Next fallback) with log-decay g = 0, i.e. the plain delta rule,
+- ours, backend="recurrent" (the step-by-step reference), at a shorter T, for information only.
+
+Forward is timed under torch.no_grad (inference) and with inputs that require grad (the training forward, which
+records the graph); forward+backward backpropagates o.sum(). The runs of the different implementations are
+interleaved, so background load hits them alike; the table gives medians (the raw times go to --json).
+
+    python scripts/bench_ops_cpu.py --json bench_ops_cpu.json
+    python scripts/bench_ops_cpu.py --batch 1 --length 8192 --heads 4 --key-dim 128 --value-dim 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from modeling_fwp.ops import delta_rule  # noqa: E402
+
+
+def make_inputs(batch, length, heads, key_dim, value_dim, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, length, heads, key_dim, generator=gen)
+    k = torch.nn.functional.normalize(torch.randn(batch, length, heads, key_dim, generator=gen), dim=-1)
+    v = torch.randn(batch, length, heads, value_dim, generator=gen)
+    beta = torch.rand(batch, length, heads, generator=gen).sigmoid()
+    return q, k, v, beta
+
+
+def implementations(extra_chunk_sizes):
+    """name -> function(q, k, v, beta) returning o; the peer is skipped when transformers lacks it."""
+    impls = {"ours chunk": lambda q, k, v, beta: delta_rule(q, k, v, beta, backend="chunk")[0]}
+    for size in extra_chunk_sizes:
+        impls[f"ours chunk, chunk_size={size}"] = lambda q, k, v, beta, size=size: delta_rule(
+            q, k, v, beta, backend="chunk", chunk_size=size
+        )[0]
+    impls["ours recurrent"] = lambda q, k, v, beta: delta_rule(q, k, v, beta, backend="recurrent")[0]
+    try:
+        from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
+    except ImportError as error:
+        print(f"transformers' torch_chunk_gated_delta_rule not available: {error}", file=sys.stderr)
+    else:
+        impls["transformers torch_chunk_gated_delta_rule (g=0)"] = lambda q, k, v, beta: torch_chunk_gated_delta_rule(
+            q, k, v, torch.zeros_like(beta), beta, chunk_size=64
+        )[0]
+    return impls
+
+
+MODES = ("forward", "forward_grad", "forward+backward")
+MODE_TITLES = {"forward": "forward (no_grad)", "forward_grad": "forward (inputs require grad)",
+               "forward+backward": "forward+backward"}
+
+
+def time_once(function, inputs, mode):
+    if mode == "forward":
+        with torch.no_grad():
+            start = time.perf_counter()
+            function(*inputs)
+        return (time.perf_counter() - start) * 1e3
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    start = time.perf_counter()
+    o = function(*leaves)
+    if mode == "forward+backward":
+        o.sum().backward()
+    return (time.perf_counter() - start) * 1e3
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--key-dim", type=int, default=64)
+    parser.add_argument("--value-dim", type=int, default=64)
+    parser.add_argument("--recurrent-length", type=int, default=256, help="T for the (slow) recurrent reference")
+    parser.add_argument("--extra-chunk-sizes", type=int, nargs="*", default=[32],
+                        help="also time our chunk backend at these chunk sizes (default chunk_size is 64)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    shape = (args.batch, args.length, args.heads, args.key_dim, args.value_dim)
+    inputs = make_inputs(*shape)
+    short_inputs = make_inputs(args.batch, args.recurrent_length, args.heads, args.key_dim, args.value_dim)
+    impls = implementations(args.extra_chunk_sizes)
+
+    # Sanity: both chunkwise forms compute the same delta rule (the peer scales q by K**-0.5 like our default).
+    peer_name = next((name for name in impls if name.startswith("transformers")), None)
+    max_diff = None
+    if peer_name:
+        with torch.no_grad():
+            max_diff = (impls["ours chunk"](*inputs) - impls[peer_name](*inputs)).abs().max().item()
+
+    times = {(name, mode): [] for name in impls for mode in MODES}
+    for repeat in range(args.repeats + 1):  # the first round warms up and is dropped
+        for mode in MODES:
+            for name, function in impls.items():
+                data = short_inputs if name == "ours recurrent" else inputs
+                elapsed = time_once(function, data, mode)
+                if repeat:
+                    times[(name, mode)].append(elapsed)
+
+    medians = {key: statistics.median(values) for key, values in times.items()}
+    reference = {mode: medians.get((peer_name, mode)) for mode in MODES}
+    rows = []
+    for name in impls:
+        length = args.recurrent_length if name == "ours recurrent" else args.length
+        row = {"implementation": name, "T": length}
+        for mode in MODES:
+            row[f"{mode}_ms"] = round(medians[(name, mode)], 1)
+            same_shape = name != "ours recurrent" and reference[mode]
+            row[f"{mode}_speedup_vs_transformers"] = round(reference[mode] / medians[(name, mode)], 2) if same_shape else None
+        rows.append(row)
+
+    load = os.getloadavg()
+    print(f"B={args.batch} T={args.length} H={args.heads} K={args.key_dim} V={args.value_dim} fp32, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}, "
+          f"load average after the run {load[0]:.1f} on {os.cpu_count()} CPUs")
+    print()
+    header = "".join(f" {MODE_TITLES[mode]} ms | speed-up |" for mode in MODES)
+    print(f"| implementation | T |{header}")
+    print("|---|---|" + "---|---|" * len(MODES))
+    for row in rows:
+        cells = ""
+        for mode in MODES:
+            speed = row[f"{mode}_speedup_vs_transformers"]
+            cells += f" {row[f'{mode}_ms']:.1f} | {f'{speed:.2f}x' if speed else '-'} |"
+        print(f"| {row['implementation']} | {row['T']} |{cells}")
+    if max_diff is not None:
+        print(f"\nmax |o_ours - o_transformers| = {max_diff:.2e}")
+
+    if args.json:
+        result = {
+            "shape": dict(zip(("B", "T", "H", "K", "V"), shape)),
+            "dtype": "float32",
+            "repeats": args.repeats,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "load_average_after": load,
+            "processor": platform.processor(),
+            "max_abs_diff_vs_transformers": max_diff,
+            "rows": rows,
+            "raw_ms": {f"{name} | {mode}": values for (name, mode), values in times.items()},
+        }
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
