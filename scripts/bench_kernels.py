@@ -9,6 +9,9 @@ Forward floor = read q, k, v, beta + write o; forward+backward adds read q, k, v
 dv, dbeta (the state is never materialised in the floor).
 --check: Triton vs the float64 token loop (outputs, final state, all gradients) at moderate sizes, and vs fla.
 --sweep: time a few block-size / fusion settings of our kernels (for choosing defaults).
+--profile: GPU time per kernel for one forward+backward, ours and fla.
+--warm N: compile and autotune shape N only; run several at once before the timed run to save device time:
+    for s in 0 1 2 3 4; do python3 scripts/bench_kernels.py --warm $s --backends triton,fla & done; wait
 """
 from __future__ import annotations
 
@@ -23,6 +26,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "--warm" in sys.argv:
+    # Warm-up processes run side by side on one GPU: keep fla from saving autotune picks made under that
+    # contention to its disk cache (FLA_CACHE_RESULTS defaults to 1), so the timed run tunes fla afresh.
+    os.environ["FLA_CACHE_RESULTS"] = "0"
 
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
@@ -197,18 +204,21 @@ def reference64(q, k, v, beta, scale, h0, cu, rule):
     return torch.stack([torch.stack(r) for r in outs]), torch.stack(states)
 
 
+CHECK_CASES = [  # (B, T, H, K, V, cu_seqlens, dtype, rule)
+    (2, 700, 4, 64, 64, None, torch.float32, "delta"),
+    (2, 700, 4, 64, 64, None, torch.bfloat16, "delta"),
+    (1, 600, 2, 256, 64, None, torch.float32, "delta"),
+    (1, 300, 2, 512, 128, None, torch.float32, "delta"),
+    (1, 900, 4, 64, 64, [0, 300, 300, 650, 900], torch.float32, "delta"),
+    (2, 700, 4, 64, 64, None, torch.float32, "sum"),
+    (2, 700, 4, 128, 64, None, torch.bfloat16, "sum"),
+]
+
+
 def check(args):
     torch.manual_seed(0)
     results = []
-    cases = [  # (B, T, H, K, V, cu, dtype, rule)
-        (2, 700, 4, 64, 64, None, torch.float32, "delta"),
-        (2, 700, 4, 64, 64, None, torch.bfloat16, "delta"),
-        (1, 600, 2, 256, 64, None, torch.float32, "delta"),
-        (1, 300, 2, 512, 128, None, torch.float32, "delta"),
-        (1, 900, 4, 64, 64, [0, 300, 300, 650, 900], torch.float32, "delta"),
-        (2, 700, 4, 64, 64, None, torch.float32, "sum"),
-        (2, 700, 4, 128, 64, None, torch.bfloat16, "sum"),
-    ]
+    cases = CHECK_CASES if args.check_case is None else [CHECK_CASES[args.check_case]]
     for case in cases:
         try:
             results.append(check_one(*case))
@@ -339,6 +349,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--check", action="store_true", help="correctness vs float64 loop and fla first")
+    ap.add_argument("--check-case", type=int, default=None, help="with --check: only case #N of CHECK_CASES")
     ap.add_argument("--sweep", action="store_true", help="time a few kernel settings")
     ap.add_argument("--sweep-k", type=lambda s: [int(x) for x in s.split(",")], default=None)
     ap.add_argument("--no-bench", action="store_true")
