@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import json
 import math
 import os
@@ -71,9 +72,14 @@ RESULT_FIELDS = ["setting", "model", "rule", "S", "L", "seed", "final_eval_loss"
 CURVE_FIELDS = ["setting", "model", "rule", "S", "seed", "step", "eval_loss"]
 
 
+@functools.lru_cache(maxsize=None)
 def feature_dim(model: str) -> int:
+    """d_dot of a model, from the feature map module itself (built once, without touching the global RNG)."""
     name, kwargs = MODELS[model]
-    return D_KEY if name is None else build_feature_map(name, D_KEY, **kwargs).out_dim
+    if name is None:
+        return D_KEY
+    with torch.random.fork_rng(devices=[]):
+        return build_feature_map(name, D_KEY, **kwargs).out_dim
 
 
 @dataclass(frozen=True)
@@ -205,15 +211,15 @@ class RunBank:
                  feature_maps=None, split_features=None):
         if len({s.replace for s in specs}) != 1:
             raise ValueError("a RunBank holds runs of one setting (all with or all without replacement)")
-        self.specs = sorted(specs, key=lambda s: (s.rule, MODEL_ORDER[s.model], s.S, s.seed))
         self.device, self.dtype, self.backend, self.chunk_size = device, dtype, backend, chunk_size
-        self.s_pad = max(s.S for s in self.specs)
-        self.l_pad = max(s.length for s in self.specs)
-        self.e_pad = max(s.d_emb for s in self.specs)
-        self.replace = self.specs[0].replace
+        self.s_pad = max(s.S for s in specs)
+        self.l_pad = max(s.length for s in specs)
+        self.e_pad = max(s.d_emb for s in specs)
+        self.replace = specs[0].replace
         # Large buckets are FLOP-bound: one op call per feature size avoids padding small d_dot up to large ones.
         # Small buckets are launch-bound: fewer, padded calls.
         self.split_features = self.s_pad >= 300 if split_features is None else split_features
+        self.specs = sorted(specs, key=lambda s: (self._op_call_key(s), MODEL_ORDER[s.model], s.S, s.seed))
         self.feature_maps = feature_maps if feature_maps is not None else self._build_feature_maps(specs)
         self.params = params if params is not None else self._initial_parameters()
         count = len(self.specs)
@@ -229,20 +235,19 @@ class RunBank:
         self.op_calls = self._op_calls()
 
     def _build_feature_maps(self, specs):
-        """One module per feature map; all DPFP-nu share DPFP-(max nu): DPFP-nu's features are its first
-        2 * d_key * nu features, the rest is masked to zero (see `features`)."""
+        """One module per model's feature map (DPFP-nu for each nu used), shared by all runs of that model."""
         maps = {}
-        nus = [MODELS[s.model][1]["dpfp_nu"] for s in specs if MODELS[s.model][0] == "dpfp"]
-        if nus:
-            maps["dpfp"] = build_feature_map("dpfp", D_KEY, dpfp_nu=max(nus))
-        for s in specs:
-            name, kwargs = MODELS[s.model]
-            if name not in (None, "dpfp") and s.model not in maps:
-                maps[s.model] = build_feature_map(name, D_KEY, **kwargs)
-        return {k: v.to(self.device) for k, v in maps.items()}
+        for spec in specs:
+            name, kwargs = MODELS[spec.model]
+            if name is not None and spec.model not in maps:
+                maps[spec.model] = build_feature_map(name, D_KEY, **kwargs).to(self.device)
+        return maps
 
-    def _feature_key(self, model):
-        return "dpfp" if MODELS[model][0] == "dpfp" else model
+    def _op_call_key(self, spec):
+        """Runs with equal keys share one op call: same rule; the same d_dot (split_features) or, otherwise, all
+        d_dot <= 384 together (padded to the largest) and larger ones (FAVOR+ 512) apart."""
+        size = feature_dim(spec.model)
+        return (spec.rule, size if self.split_features else size > 384)
 
     def _initial_parameters(self):
         count, e_pad, s_pad = len(self.specs), self.e_pad, self.s_pad
@@ -266,8 +271,7 @@ class RunBank:
         share one op call (same rule; features padded to `width`) and, inside, one feature map."""
         calls = []
         for r, spec in enumerate(self.specs):
-            size = feature_dim(spec.model)
-            group = (spec.rule, size if self.split_features else size > 384)
+            group = self._op_call_key(spec)
             if not calls or calls[-1][0] != group:
                 calls.append([group, r, r + 1])
             calls[-1][2] = r + 1
@@ -276,19 +280,20 @@ class RunBank:
             width = max(feature_dim(self.specs[r].model) for r in range(start, end))
             parts = []
             for r in range(start, end):
-                key = self._feature_key(self.specs[r].model)
+                key = "dpfp" if MODELS[self.specs[r].model][0] == "dpfp" else self.specs[r].model
                 if not parts or parts[-1][0] != key:
                     parts.append([key, r, r + 1])
                 parts[-1][2] = r + 1
             pieces = []
             for key, a, b in parts:
+                models = [self.specs[r].model for r in range(a, b)]
                 mask = None
-                if key == "dpfp" and rule != "softmax":
-                    dims = [feature_dim(self.specs[r].model) for r in range(a, b)]
-                    full = self.feature_maps["dpfp"].out_dim
-                    if min(dims) < full:
-                        dims = torch.tensor(dims, device=self.device)
-                        mask = (torch.arange(full, device=self.device) < dims[:, None]).to(self.dtype)
+                if key == "dpfp":  # consecutive DPFP-nu runs share the map of their largest nu, masked per run
+                    key = max(models, key=feature_dim)
+                    dims = [feature_dim(m) for m in models]
+                    if min(dims) < feature_dim(key):
+                        mask = (torch.arange(feature_dim(key), device=self.device)
+                                < torch.tensor(dims, device=self.device)[:, None]).to(self.dtype)
                 pieces.append((key, a, b, mask))
             result.append((rule, width, start, end, pieces))
         return result
@@ -320,16 +325,22 @@ class RunBank:
         return self.params["emb"] * self.emb_mask  # padded embedding dims stay exactly zero, with zero gradient
 
     def write_inputs(self, keys, values):
-        """keys, values [R, B, L_pad] -> k_pre [R, B, L, 64], onehot values [R, B, L, S_pad], beta [R, B, L]."""
+        """keys, values [R, B, L_pad] -> k_pre [R, B, L, 64], onehot values [R, B, L, S_pad], beta [R, B, L].
+
+        x W = e(key) W_emb + onehot(value) W_onehot: both terms are table look-ups (per-key projections computed
+        once per step, and rows of W_onehot), so the [R, B, L, E + S] input is never built."""
         count, batch, length = keys.shape
-        step_mask = self.step_mask[:, :, :length]
+        e_pad = self.e_pad
         runs = torch.arange(count, device=self.device)[:, None, None]
-        e_k = self.embed()[runs, keys]
-        onehot = F.one_hot(values, self.s_pad).to(self.dtype) * step_mask[..., None]
-        x = torch.cat([e_k, onehot], dim=-1).flatten(1, 2)
-        k_pre = torch.baddbmm(self.params["b_k"][:, None, :], x, self.params["w_k"]).view(count, batch, length, -1)
-        beta = torch.baddbmm(self.params["b_beta"][:, None, :], x, self.params["w_beta"])
-        return k_pre, onehot, torch.sigmoid(beta).view(count, batch, length)
+        w_k, w_beta = self.params["w_k"], self.params["w_beta"]
+        embedded = self.embed()
+        key_table = torch.baddbmm(self.params["b_k"][:, None, :], embedded, w_k[:, :e_pad])  # [R, S_pad, 64]
+        beta_table = torch.baddbmm(self.params["b_beta"][:, None, :], embedded, w_beta[:, :e_pad])
+        k_pre = key_table[runs, keys] + w_k[:, e_pad:][runs, values]
+        beta = torch.sigmoid(beta_table[runs, keys] + w_beta[:, e_pad:][runs, values])[..., 0]
+        onehot = keys.new_zeros(keys.shape + (self.s_pad,), dtype=self.dtype).scatter_(-1, values[..., None], 1.0)
+        onehot = onehot * self.step_mask[:, :, :length, None]  # padding steps store nothing
+        return k_pre, onehot, beta
 
     def query_inputs(self, query_ids):
         """query_ids [R, J] -> q_pre [R, J, 64]."""
@@ -813,6 +824,21 @@ def loss_table(results, setting, columns):
 
 
 BEGIN, END = "<!-- synthetic-retrieval:begin -->", "<!-- synthetic-retrieval:end -->"
+DEVIATIONS = """Differences from the paper and the official code (ischlag/fast-weight-transformers, `synthetic/`):
+- Step cap instead of 100k steps; runs still stop early by the paper's rules (the official logs mostly stop
+  within 1k to 7k steps). A run that hits the cap is marked `step_cap`.
+- One seed per configuration. Runs of one bucket train in lockstep, stacked as heads of one op call; runs with
+  the same S see the same data stream (the official code also seeded every run identically). Padding is exact
+  (tested): each run follows the trajectory it would follow alone.
+- Evaluation queries every key of each sequence (the official code stops at 200 queries, which matters for
+  S > 200), and in setting 2 uses sequences of the training length L = 2S (the official evaluation uses length S).
+- Sum normalisation divides by sum + 1e-6 for keys and queries (official: no epsilon on keys).
+- FAVOR+ is modeling_fwp's map (block-orthogonal Gaussian rows, + 1e-4, 1/sqrt(2m)), redrawn every training step
+  and once per evaluation (official: every forward pass, no 1e-4).
+- The write uses the op's final state (`output_final_state=True`); queries read it as o = S^T phi(q) (sum rule:
+  divided by z . phi(q) + 1e-6, z accumulated by the same op call through an extra value column of ones).
+- On CUDA, matmuls use TF32 unless `--no-tf32`.
+- Fig. 3's "Schlag (2021)" fast weight memory baselines are not part of this reproduction."""
 
 
 def report_section(out_dir, results_md):
@@ -838,7 +864,8 @@ def report_section(out_dir, results_md):
            f"loss {STOP_LOSS}, after more than {MAX_STRIKES} evaluations without improvement, or at the step cap of "
            f"{cfg.get('max_steps', '?')} (paper: 100k; the official logs stop within about 4k steps). Stop reasons: "
            + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) + f". A run *errs* when its final evaluation "
-           f"loss is above {FAIL_LOSS} (bold in the tables).", "", "### Claims", "",
+           f"loss is above {FAIL_LOSS} (bold in the tables). `seconds` in results.csv is the wall time of the run's "
+           "bucket until the run stopped (runs of a bucket train together).", "", DEVIATIONS, "", "### Claims", "",
            "| paper's claim | this reproduction | held? |", "|---|---|---|"]
     out += [f"| {a} | {b} | {c} |" for a, b, c in claims(results, curves)]
     table1 = loss_table(results, 1, [(m, "softmax" if m == "softmax" else "sum") for m in SETTING1_MODELS])

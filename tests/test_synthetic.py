@@ -100,14 +100,16 @@ def direct_loop(run, p, keys, values, queries, phi):
     return torch.stack(outputs)
 
 
-@pytest.mark.parametrize("backend", ["recurrent", "chunk"])
+@pytest.mark.parametrize("backend, split", [("recurrent", False), ("chunk", False), ("chunk", True)])
 @pytest.mark.parametrize("setting", [1, 2])
-def test_bank_reads_equal_a_direct_float64_loop(backend, setting):
+def test_bank_reads_equal_a_direct_float64_loop(backend, split, setting):
+    """split: one op call per d_dot; otherwise DPFP-1 and -2 share DPFP-2's map (masked) in one padded call."""
     rules = ["sum"] if setting == 1 else ["sum", "delta"]
     specs = [sr.RunSpec(setting, m, r, size) for size in (4, 6) for m in ("linear", "dpfp1", "dpfp2") for r in rules]
     if setting == 1:
         specs += [sr.RunSpec(1, "softmax", "softmax", 5), sr.RunSpec(1, "favor64", "sum", 6)]
-    bank = sr.RunBank(specs, "cpu", dtype=torch.float64, backend=backend, chunk_size=4)
+    bank = sr.RunBank(specs, "cpu", dtype=torch.float64, backend=backend, chunk_size=4, split_features=split)
+    assert len(bank.op_calls) == (len({(s.rule, sr.feature_dim(s.model)) for s in specs}) if split else len(rules) + (setting == 1))
     keys, values, query_ids, targets = sr.sample_bank_batch(bank, 3, torch.Generator().manual_seed(2), False)
     with torch.no_grad():
         q_pre = bank.query_inputs(query_ids.reshape(len(specs), -1)).view(len(specs), 3, 1, -1)
