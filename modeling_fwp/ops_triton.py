@@ -23,9 +23,13 @@ from __future__ import annotations
 
 import os
 
-import triton
-import triton.language as tl
 import torch
+
+try:  # guarded, so transformers' import check of a Hub folder does not demand triton from CPU users
+    import triton
+    import triton.language as tl
+except ImportError as error:  # ops.py treats this as "no triton backend"
+    raise ImportError(f"modeling_fwp.ops_triton needs triton: {error}") from error
 
 __all__ = ["delta_rule_triton", "sum_rule_triton"]
 
