@@ -149,9 +149,10 @@ def _hold_out_documents(raw, percentage: float, seed: int):
     return raw
 
 
-def tokenize_documents(raw, tokenizer, text_column: str = "text", num_proc: int | None = None):
-    """Tokenizes every document and ends it with the tokenizer's EOS, the document separator the model learns."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+def tokenize_documents(raw, tokenizer, text_column: str = "text", num_proc: int | None = None, add_eos: bool = True):
+    """Tokenizes every document and ends it with the tokenizer's EOS, the document separator the model learns
+    (add_eos=False for datasets whose rows are lines of one running text that already end in a newline)."""
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
 
     def tokenize(batch):
         ids = tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]

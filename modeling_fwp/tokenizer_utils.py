@@ -1,5 +1,7 @@
-"""Byte-level BPE tokenizer for the training script: trained with `tokenizers` on the training split, saved as a
-PreTrainedTokenizerFast, and reused (from a cache keyed by the training text and vocabulary size) when it exists."""
+"""Tokenizers for the training script, trained with `tokenizers` on the training split, saved as a
+PreTrainedTokenizerFast, and reused (from a cache keyed by the training text, kind and vocabulary size) when they
+exist: a byte-level BPE (the default) or a word-level vocabulary (the paper's WikiText-103 setting, where
+perplexity is per word)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ from pathlib import Path
 
 BOS_EOS_TOKEN = "<|endoftext|>"  # one token marks both document start and end, as in GPT-2
 PAD_TOKEN = "<|pad|>"
-TOKENIZER_FORMAT_VERSION = "bytebpe-v1"  # part of the cache key: bump when the recipe below changes
+UNK_TOKEN = "<unk>"  # word-level only: a byte-level BPE encodes everything
+TOKENIZER_KINDS = ("bpe", "word")
+TOKENIZER_FORMAT_VERSION = "v1"  # part of the cache key: bump when a recipe below changes
 
 
 def default_cache_dir() -> Path:
@@ -41,23 +45,45 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequ
                                    pad_token=PAD_TOKEN, clean_up_tokenization_spaces=False)
 
 
-def load_or_train_tokenizer(train_texts: list[str], vocab_size: int = 8192, cache_dir: str | os.PathLike | None = None,
-                            log=print):
-    """The byte-level BPE for `train_texts`: loaded from the cache when it was trained before on the same texts with
-    the same vocabulary size, otherwise trained and cached. Trained on the training split only, so validation and
-    test text never shape the vocabulary."""
+def train_word_level(texts: Iterable[str], vocab_size: int):
+    """A whitespace word-level vocabulary of at most `vocab_size` entries (the most frequent words, then <unk>), as
+    used for WikiText-103 in the paper; decoding joins words with spaces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    digest = hashlib.sha256(TOKENIZER_FORMAT_VERSION.encode())
+    special = [BOS_EOS_TOKEN, PAD_TOKEN, UNK_TOKEN]
+    if not isinstance(vocab_size, int) or vocab_size <= len(special):
+        raise ValueError(f"vocab_size={vocab_size!r} is too small for a word-level vocabulary; it must be > 3.")
+    tokenizer = Tokenizer(models.WordLevel(unk_token=UNK_TOKEN))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=special,
+                                        show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS_EOS_TOKEN, eos_token=BOS_EOS_TOKEN,
+                                   pad_token=PAD_TOKEN, unk_token=UNK_TOKEN, clean_up_tokenization_spaces=False)
+
+
+def load_or_train_tokenizer(train_texts: list[str], vocab_size: int = 8192, cache_dir: str | os.PathLike | None = None,
+                            log=print, kind: str = "bpe"):
+    """The tokenizer of `kind` ("bpe": byte-level BPE, "word": word-level) for `train_texts`: loaded from the cache
+    when it was trained before on the same texts with the same vocabulary size, otherwise trained and cached.
+    Trained on the training split only, so validation and test text never shape the vocabulary."""
+    from transformers import PreTrainedTokenizerFast
+
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"tokenizer kind {kind!r} is not valid; allowed: {', '.join(TOKENIZER_KINDS)}.")
+    digest = hashlib.sha256(f"{kind}-{TOKENIZER_FORMAT_VERSION}".encode())
     for text in train_texts:
         digest.update(text.encode("utf-8"))
         digest.update(b"\x00")
-    folder = Path(cache_dir or default_cache_dir()) / f"{digest.hexdigest()[:16]}-v{vocab_size}"
+    folder = Path(cache_dir or default_cache_dir()) / f"{kind}-{digest.hexdigest()[:16]}-v{vocab_size}"
+    name = {"bpe": "byte-level BPE", "word": "word-level"}[kind]
     if (folder / "tokenizer.json").is_file():
-        log(f"Reusing the byte-level BPE tokenizer in {folder}")
+        log(f"Reusing the {name} tokenizer in {folder}")
         return PreTrainedTokenizerFast.from_pretrained(folder)
-    log(f"Training a byte-level BPE tokenizer (vocabulary {vocab_size}) on {len(train_texts)} training documents")
-    tokenizer = train_byte_level_bpe(train_texts, vocab_size=vocab_size)
+    log(f"Training a {name} tokenizer (vocabulary {vocab_size}) on {len(train_texts)} training documents")
+    train = train_byte_level_bpe if kind == "bpe" else train_word_level
+    tokenizer = train(train_texts, vocab_size=vocab_size)
     # Write to a temporary folder, then rename, so concurrent processes never read a half-written tokenizer.
     temporary = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     tokenizer.save_pretrained(temporary)

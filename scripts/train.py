@@ -30,9 +30,11 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import SequentialSampler
@@ -49,6 +51,7 @@ from transformers import (  # noqa: E402
     GenerationConfig,
     HfArgumentParser,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     default_data_collator,
     set_seed,
@@ -72,8 +75,11 @@ class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "A saved FWP model (folder or Hub name) to fine-tune instead of training a preset from scratch."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={
-        "help": "Any tokenizer (Hub name or folder). Default: the one saved with --model_name_or_path, else a "
-                "byte-level BPE trained on the training split with the model's vocab_size (cached)."})
+        "help": "Any tokenizer (Hub name or folder). Default: the one saved with --model_name_or_path, else one "
+                "trained on the training split with the model's vocab_size (cached), see --tokenizer_type."})
+    tokenizer_type: str = field(default="bpe", metadata={
+        "help": "Kind of tokenizer trained when none is given: 'bpe' (byte-level BPE) or 'word' (whitespace "
+                "words, the paper's WikiText-103 setting: perplexity per word)."})
 
 
 @dataclass
@@ -99,6 +105,9 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={
         "help": "Use at most this many training blocks/pieces (streams: this many x block_size tokens)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "The same for validation."})
+    add_eos: bool = field(default=True, metadata={
+        "help": "End every document with the EOS token. Turn off for datasets whose rows are the lines of one "
+                "running text (e.g. wikitext with a BPE tokenizer)."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
 
 
@@ -111,6 +120,12 @@ class RunArguments:
         "help": "Allow writing into an output_dir that already holds a model or checkpoints."})
     sample_prompt: str = field(default="", metadata={"help": "Prompt of the sample printed at the end."})
     sample_max_new_tokens: int = field(default=200, metadata={"help": "Length of that sample in tokens."})
+    max_train_minutes: float | None = field(default=None, metadata={
+        "help": "Stop training (then evaluate and save as usual) once this many minutes of training have passed, "
+                "even before max_steps: a wall-clock budget for slow or busy machines."})
+    torch_num_threads: int | None = field(default=None, metadata={
+        "help": "CPU threads per process for PyTorch (default: PyTorch's choice, all cores). On a machine busy with "
+                "other jobs, 1 avoids threads waiting on each other."})
     save_replica_checksum: bool = field(default=False, metadata={
         "help": "Every process writes a checksum of its parameters to output_dir/replica-<rank>.json (to check "
                 "that data-parallel replicas end identical)."})
@@ -315,6 +330,24 @@ class FWPTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
+class TimeBudget(TrainerCallback):
+    """Ends training once `minutes` have passed (checked after every step); the run then evaluates and saves."""
+
+    def __init__(self, minutes: float):
+        self.seconds = 60.0 * minutes
+        self.start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() - self.start > self.seconds and not control.should_training_stop:
+            control.should_training_stop = True
+            if state.is_world_process_zero:
+                print(f"\nTime budget of {self.seconds / 60:g} minutes reached at step {state.global_step} of "
+                      f"{state.max_steps}: stopping training.", flush=True)
+
+
 # ---------------------------------------------------------------------------------------------------- main steps
 
 def load_tokenizer(model_args, training_args, resume, train_texts, vocab_size, log):
@@ -324,7 +357,8 @@ def load_tokenizer(model_args, training_args, resume, train_texts, vocab_size, l
         if folder and Path(folder).is_dir() and (Path(folder) / "tokenizer_config.json").is_file():
             log(f"Using the tokenizer saved in {folder}")
             return tokenizer_utils.load_tokenizer(folder)
-    return tokenizer_utils.load_or_train_tokenizer(train_texts, vocab_size=vocab_size, log=log)
+    return tokenizer_utils.load_or_train_tokenizer(train_texts, vocab_size=vocab_size, log=log,
+                                                   kind=model_args.tokenizer_type)
 
 
 def build_datasets(tokenized, data_args, training_args):
@@ -389,6 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
         if main_process:
             print(message, flush=True)
 
+    if run_args.torch_num_threads:
+        torch.set_num_threads(run_args.torch_num_threads)
     set_seed(training_args.seed)
     with training_args.main_process_first(desc="loading the data"):
         raw = fwp_data.load_raw_datasets(
@@ -403,11 +439,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     with training_args.main_process_first(desc="tokenizing"):
         tokenized = fwp_data.tokenize_documents(raw, tokenizer, data_args.text_column,
-                                                num_proc=data_args.preprocessing_num_workers)
+                                                num_proc=data_args.preprocessing_num_workers,
+                                                add_eos=data_args.add_eos)
     train_dataset, eval_dataset, collator, eval_streams = build_datasets(tokenized, data_args, training_args)
-    unigram = fwp_data.unigram_perplexity(fwp_data.token_stream(tokenized["train"]),
-                                          fwp_data.token_stream(tokenized["validation"]), config.vocab_size)
-    log(f"Unigram baseline perplexity of the validation split: {unigram:.2f}")
+    # The baseline scores exactly the validation tokens that the stream evaluations score.
+    scored = np.asarray(eval_streams["shift_labels"]).ravel()
+    unigram = fwp_data.unigram_perplexity(fwp_data.token_stream(tokenized["train"]), scored, config.vocab_size)
+    log(f"Unigram baseline perplexity of the validation split ({scored.size} tokens): {unigram:.2f}")
 
     if model_args.model_name_or_path:
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config)
@@ -421,7 +459,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{'carried streams' if data_args.carry_state else 'packed pieces' if data_args.packing else 'blocks'}")
 
     trainer = FWPTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         data_collator=collator, processing_class=tokenizer, carry_state=data_args.carry_state)
+                         data_collator=collator, processing_class=tokenizer, carry_state=data_args.carry_state,
+                         callbacks=[TimeBudget(run_args.max_train_minutes)] if run_args.max_train_minutes else None)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # model, tokenizer (processing_class) and generation config
     trainer.log_metrics("train", result.metrics)
@@ -448,10 +487,10 @@ def main(argv: list[str] | None = None) -> dict:
     if run_args.save_replica_checksum:
         checksum = parameter_checksum(trainer.accelerator.unwrap_model(trainer.model))
         Path(training_args.output_dir, f"replica-{training_args.process_index}.json").write_text(json.dumps(checksum))
+    # Every process samples (same seed, same tokens): a sharded (FSDP) model needs all of them in each forward.
+    summary["sample"] = generate_sample(trainer.accelerator.unwrap_model(trainer.model), tokenizer,
+                                        run_args.sample_prompt, run_args.sample_max_new_tokens, training_args.seed)
     if main_process:
-        summary["sample"] = generate_sample(trainer.accelerator.unwrap_model(trainer.model), tokenizer,
-                                            run_args.sample_prompt, run_args.sample_max_new_tokens,
-                                            training_args.seed)
         Path(training_args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=1))
         log(f"\nValidation perplexity: {summary['validation_perplexity']:.2f} "
             f"(unigram baseline {unigram:.2f}; on contiguous segments of {data_args.block_size}: "

@@ -78,6 +78,17 @@ def test_tokenizer_trained_cached_and_reused(tmp_path, corpus):
     tokenizer_utils.check_vocab_fits(other, 400)
 
 
+def test_word_level_tokenizer(tmp_path):
+    texts = ["the king is dead , long live the king", "the queen is here"]
+    tokenizer = tokenizer_utils.load_or_train_tokenizer(texts, vocab_size=8, cache_dir=tmp_path, kind="word")
+    assert len(tokenizer) == 8  # 3 special tokens + the 5 most frequent words
+    ids = tokenizer("the king is gone")["input_ids"]
+    assert ids[-1] == tokenizer.unk_token_id and tokenizer.unk_token_id not in ids[:-1]
+    assert tokenizer.decode(ids) == "the king is <unk>"
+    with pytest.raises(ValueError, match="kind"):
+        tokenizer_utils.load_or_train_tokenizer(texts, vocab_size=8, cache_dir=tmp_path, kind="chars")
+
+
 def _toy_tokenized(lengths, seed=0):
     import datasets
 

@@ -150,13 +150,14 @@ def test_resume_from_checkpoint_continues_the_run(trained, mini_corpus, tmp_path
     assert logged_losses(resumed_dir)[-6:] == pytest.approx(original[-6:], rel=1e-4)  # same batches, same weights
 
 
-def test_fine_tune_with_packing_and_gradient_checkpointing(trained, mini_corpus, tmp_path):
+def test_fine_tune_with_packing_checkpointing_and_time_budget(trained, mini_corpus, tmp_path):
     output_dir, _ = trained
     summary = train.main(run_args(mini_corpus, tmp_path / "tuned", "--model_name_or_path", str(output_dir),
                                   "--config_overrides", "dropout=0.0", "--packing", "true",
-                                  "--activation_checkpointing", "true", "--max_steps", "3", "--save_strategy", "no"))
+                                  "--activation_checkpointing", "true", "--max_steps", "50", "--save_strategy", "no",
+                                  "--max_train_minutes", "0.0001"))
     assert summary["validation_perplexity"] < 320
-    assert len(logged_losses(tmp_path / "tuned")) == 3
+    assert len(logged_losses(tmp_path / "tuned")) == 1  # the time budget ended training after the first step
 
 
 def test_carry_state_training(mini_corpus, tmp_path):
