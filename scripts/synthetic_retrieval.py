@@ -681,7 +681,11 @@ def fig3_size(rows):
 
 
 def make_plots(results, curves, out_dir):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the CSVs are what matters; --report-only can draw the figures elsewhere
+        print("matplotlib is not installed: no figures (rebuild them with --report-only)", flush=True)
+        return {}
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
