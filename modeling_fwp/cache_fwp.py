@@ -33,6 +33,14 @@ class FWPLayerState:
                 setattr(self, name, fn(value))
 
 
+def _compact(tensor):
+    """The tensor itself, or a copy when it is a view into a larger buffer, so the cache never keeps a kernel's
+    per-token workspace alive (which would make memory grow with the prompt)."""
+    if tensor is None or tensor.untyped_storage().nbytes() <= tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone()
+
+
 class FWPCache(Cache):
     """The per-layer fast-weight states of an FWP model.
 
@@ -60,7 +68,7 @@ class FWPCache(Cache):
     def write(self, layer_idx: int, fast_weights, z, conv_tail, new_columns: int, new_row_tokens: torch.Tensor):
         """Stores a layer's new state after it has consumed `new_columns` input columns."""
         layer = self.layers[layer_idx]
-        layer.fast_weights, layer.z, layer.conv_tail = fast_weights, z, conv_tail
+        layer.fast_weights, layer.z, layer.conv_tail = (_compact(t) for t in (fast_weights, z, conv_tail))
         layer.seen_tokens += new_columns
         layer.row_tokens = new_row_tokens if layer.row_tokens is None else layer.row_tokens + new_row_tokens
 

@@ -59,6 +59,9 @@ class FWPConfig(PretrainedConfig):
             CUDA, chunkwise PyTorch on CPU), `"recurrent"` (step by step, the reference), `"chunk"` (chunkwise
             PyTorch), `"triton"` or `"fla"`. May be changed on a live model; it applies from the next call.
         chunk_size (`int`, *optional*, defaults to 64): chunk length of the chunkwise backends (16, 32, 64 or 128).
+        inference_segment_size (`int`, *optional*, defaults to 8192): a forward without gradients over more tokens
+            than this runs in segments of this many, carrying the state (exact), so prefill memory stays flat in the
+            prompt length. 0 turns it off.
         layer_norm_eps (`float`, *optional*, defaults to 1e-5): epsilon of LayerNorm / RMSNorm.
         initializer_range (`float`, *optional*, defaults to 0.02): std of the normal weight init.
         tie_word_embeddings (`bool`, *optional*, defaults to `False`): share input embeddings and LM head.
@@ -94,6 +97,7 @@ class FWPConfig(PretrainedConfig):
         dropout=0.0,
         kernel_backend="auto",
         chunk_size=64,
+        inference_segment_size=8192,
         layer_norm_eps=1e-5,
         initializer_range=0.02,
         tie_word_embeddings=False,
@@ -127,6 +131,7 @@ class FWPConfig(PretrainedConfig):
         self.dropout = dropout
         self.kernel_backend = kernel_backend
         self.chunk_size = chunk_size
+        self.inference_segment_size = inference_segment_size
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
         self.use_cache = use_cache
@@ -186,6 +191,10 @@ class FWPConfig(PretrainedConfig):
             raise ValueError(f"FWPConfig.head_dim={self.head_dim} must be even with position_embedding='rotary'.")
         if self.position_embedding == "sinusoidal" and self.hidden_size % 2:
             raise ValueError(f"FWPConfig.hidden_size={self.hidden_size} must be even with position_embedding='sinusoidal'.")
+        if not isinstance(self.inference_segment_size, int) or isinstance(self.inference_segment_size, bool) \
+                or self.inference_segment_size < 0:
+            raise ValueError(f"FWPConfig.inference_segment_size={self.inference_segment_size!r} is not valid; it must "
+                             "be an integer >= 0 (0 turns segmenting off).")
         if not isinstance(self.conv_size, int) or isinstance(self.conv_size, bool) or self.conv_size < 2:
             raise ValueError(f"FWPConfig.conv_size={self.conv_size!r} is not valid; it must be an integer >= 2.")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):

@@ -159,7 +159,7 @@ class ShortConvolution(nn.Module):
                 tail = x.new_zeros(x.shape[0], width, x.shape[2])
             extended = torch.cat([tail.to(x.dtype), x], dim=1)
             y = self._conv(extended)
-            return F.silu(y), extended[:, -width:]
+            return F.silu(y), extended[:, -width:].clone()  # a copy: a view would pin the whole input in the cache
         # Packed: give every sequence its own `width` tail slots, convolve the whole stream once, drop the slots.
         num_seqs = cu_seqlens.numel() - 1
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -377,6 +377,11 @@ class FWPModel(FWPPreTrainedModel):
             raise TypeError(f"past_key_values must be an FWPCache (or None); got {type(past_key_values).__name__}.")
         if use_cache and past_key_values is None:
             past_key_values = FWPCache(config=self.config)
+        segment = self.config.inference_segment_size
+        if segment and seq_len > segment and not torch.is_grad_enabled() and not self.training \
+                and cu_seqlens is None and cu_seq_lens_q is None and position_ids is None:
+            return self._forward_in_segments(inputs_embeds, attention_mask, past_key_values, use_cache,
+                                             output_hidden_states, segment)
         if self.training and self.config.feature_map == "favor" and self.config.favor_redraw:
             self._redraw_random_features()
 
@@ -414,6 +419,28 @@ class FWPModel(FWPPreTrainedModel):
             last_hidden_state=layout.unpack(hidden),
             past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
+        )
+
+
+    def _forward_in_segments(self, inputs_embeds, attention_mask, cache, use_cache, output_hidden_states, segment):
+        """A long inference forward as consecutive segments that carry the state: the same result as one forward,
+        with activation memory bounded by the segment instead of the prompt."""
+        cache = cache if cache is not None else FWPCache(config=self.config)
+        outputs = []
+        for start in range(0, inputs_embeds.shape[1], segment):
+            part = slice(start, start + segment)
+            outputs.append(self.forward(
+                inputs_embeds=inputs_embeds[:, part], past_key_values=cache, use_cache=True,
+                attention_mask=None if attention_mask is None else attention_mask[:, part],
+                output_hidden_states=output_hidden_states,
+            ))
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*(o.hidden_states for o in outputs)))
+        return BaseModelOutputWithPast(
+            last_hidden_state=torch.cat([o.last_hidden_state for o in outputs], dim=1),
+            past_key_values=cache if use_cache else None,
+            hidden_states=hidden_states,
         )
 
 

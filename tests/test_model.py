@@ -288,3 +288,27 @@ def test_a_failed_forward_leaves_the_cache_untouched(monkeypatch):
         model(ids(1, 3), past_key_values=cache)
     assert cache.get_seq_length() == 5
     assert all(torch.equal(a, layer.fast_weights) for a, layer in zip(before, cache.layers))
+
+
+@pytest.mark.parametrize("name", ["delta_net", "modern", "delta_attn_norm"])
+def test_segmented_inference_forward_equals_one_forward(name):
+    model = tiny_model(**VARIANTS[name], inference_segment_size=4)
+    x = ids(2, 23)
+    mask = torch.ones_like(x)
+    mask[0, :5] = 0  # left padding spanning a segment boundary
+    whole = model(x, attention_mask=mask, use_cache=True)  # with gradients: one pass
+    with torch.no_grad():
+        segmented = model(x, attention_mask=mask, use_cache=True, output_hidden_states=True)
+    torch.testing.assert_close(segmented.logits, whole.logits, rtol=1e-10, atol=1e-12)
+    assert segmented.past_key_values.get_seq_length() == 23
+    for a, b in zip(segmented.past_key_values.layers, whole.past_key_values.layers):
+        torch.testing.assert_close(a.fast_weights, b.fast_weights.detach())
+    assert len(segmented.hidden_states) == 3 and segmented.hidden_states[0].shape == (2, 23, 24)
+
+
+def test_cache_holds_no_view_of_a_larger_buffer():
+    model = tiny_model(**VARIANTS["modern"])
+    cache = model(ids(2, 50), use_cache=True).past_key_values
+    for layer in cache.layers:
+        for t in layer.tensors():
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
