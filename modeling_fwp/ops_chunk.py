@@ -183,22 +183,25 @@ def _delta_core(q, k, v, beta, state0, scale):
 
 
 class _DeltaChunk(torch.autograd.Function):
-    """Inputs in chunk layout [n, BH, C, D], beta [n, BH, C], state0 [BH, K, V] or None; o is multiplied by scale."""
+    """Inputs in chunk layout [n, BH, C, D], beta [n, BH, C], state0 [BH, K, V] or None; o is multiplied by scale.
+
+    Per chunk, with T = (I + A)^{-1} and S the entering state, the pseudo-values are Un = T (diag(b) V - diag(b) K S)
+    (the same as U - W S of the WY form, without materialising W = T diag(b) K and U = T diag(b) V: that saves two
+    of the batched matmuls for one more matmul per step of the loop over chunks).
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, beta, state0, scale):
         n_chunks, bh, size, key_dim = k.shape
         value_dim = v.shape[-1]
-        flat_q, flat_k, flat_v, flat_beta = _flat(q), _flat(k), _flat(v), _flat(beta)
+        flat_q, flat_k, flat_beta = _flat(q), _flat(k), _flat(beta)
 
         gram = torch.bmm(flat_k, flat_k.transpose(-1, -2))  # k_i . k_j, kept for the backward
         lower = (gram * flat_beta[..., None]).tril_(-1)  # A = strict_lower(diag(beta) K K^T)
-        inverse = unit_lower_inverse(lower)  # explicit T = (I + A)^{-1}: used for W, U and again in the backward
+        inverse = unit_lower_inverse(lower).view(n_chunks, bh, size, size)  # T = (I + A)^{-1}
         del lower
-        inverse_beta = inverse * flat_beta[:, None, :]  # T diag(beta): W = T diag(b) K, U = T diag(b) V
-        w = torch.bmm(inverse_beta, flat_k).view(n_chunks, bh, size, key_dim)
-        u = torch.bmm(inverse_beta, flat_v).view(n_chunks, bh, size, value_dim)
-        del inverse_beta
+        k_beta = k * beta[..., None]
+        v_beta = v * beta[..., None]
 
         # Sequential part: states[c] is the state entering chunk c, states[n] the final one.
         states = k.new_empty(n_chunks + 1, bh, key_dim, value_dim)
@@ -206,16 +209,19 @@ class _DeltaChunk(torch.autograd.Function):
             states[0].zero_()
         else:
             states[0].copy_(state0)
-        pseudo = torch.empty_like(u)  # Un = U - W S
+        residual = torch.empty_like(v)  # X = diag(b) (V - K S): what each token would write, before T couples them
+        pseudo = torch.empty_like(v)  # Un = T X
         k_t = k.transpose(-1, -2)
         for c in range(n_chunks):
-            torch.baddbmm(u[c], w[c], states[c], alpha=-1, out=pseudo[c])
+            torch.baddbmm(v_beta[c], k_beta[c], states[c], alpha=-1, out=residual[c])
+            torch.bmm(inverse[c], residual[c], out=pseudo[c])
             torch.baddbmm(states[c], k_t[c], pseudo[c], out=states[c + 1])
+        del v_beta
 
         scores = torch.bmm(flat_q, flat_k.transpose(-1, -2)).tril_()  # causal, diagonal included
         # o = scale (Q S + scores Un); beta != 1 in baddbmm is a slow path on CPU, so scale in place afterwards.
         o = torch.bmm(scores, _flat(pseudo)).baddbmm_(flat_q, _flat(states[:-1])).mul_(scale)
-        ctx.save_for_backward(q, k, v, beta, gram, inverse, w, u, states, pseudo, scores)
+        ctx.save_for_backward(q, k, v, beta, gram, inverse, k_beta, states, residual, pseudo, scores)
         ctx.has_state0 = state0 is not None
         ctx.scale = scale
         return o.view(n_chunks, bh, size, value_dim), states[-1].clone()
@@ -223,16 +229,16 @@ class _DeltaChunk(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # a hand-written backward: no double backward (e.g. no gradient penalties)
     def backward(ctx, grad_o, grad_final):
-        q, k, v, beta, gram, inverse, w, u, states, pseudo, scores = ctx.saved_tensors
+        q, k, v, beta, gram, inverse, k_beta, states, residual, pseudo, scores = ctx.saved_tensors
         n_chunks, bh, size, key_dim = k.shape
         flat_q, flat_k, flat_v, flat_beta = _flat(q), _flat(k), _flat(v), _flat(beta)
         if grad_o is None:
             grad_o = torch.zeros_like(pseudo)
         grad_o = _flat(grad_o * ctx.scale)  # o = scale * (...): fold the scale into the incoming gradient once
 
-        # Reverse sequential part. d_states[c] = dL/dS_c; d_pseudo[c] = dL/dUn_c.
-        #   dUn_c   = scores_c^T dO_c + K_c dS_{c+1}
-        #   dS_c    = dS_{c+1} + Q_c^T dO_c - W_c^T dUn_c
+        # Reverse sequential part. d_states[c] = dL/dS_c, d_pseudo[c] = dL/dUn_c, d_residual[c] = dL/dX_c.
+        #   dUn_c = scores_c^T dO_c + K_c dS_{c+1};   dX_c = T_c^T dUn_c
+        #   dS_c  = dS_{c+1} + Q_c^T dO_c - (diag(b) K_c)^T dX_c
         from_output = torch.bmm(scores.transpose(-1, -2), grad_o).view_as(pseudo)
         from_read = torch.bmm(flat_q.transpose(-1, -2), grad_o).view(n_chunks, bh, key_dim, -1)
         d_states = torch.empty_like(states)
@@ -241,35 +247,32 @@ class _DeltaChunk(torch.autograd.Function):
         else:
             d_states[-1].copy_(grad_final)
         d_pseudo = torch.empty_like(pseudo)
-        w_t = w.transpose(-1, -2)
+        d_residual = torch.empty_like(pseudo)
+        inverse_t, k_beta_t = inverse.transpose(-1, -2), k_beta.transpose(-1, -2)
         for c in range(n_chunks - 1, -1, -1):
             torch.baddbmm(from_output[c], k[c], d_states[c + 1], out=d_pseudo[c])
-            torch.baddbmm(d_states[c + 1] + from_read[c], w_t[c], d_pseudo[c], alpha=-1, out=d_states[c])
+            torch.bmm(inverse_t[c], d_pseudo[c], out=d_residual[c])
+            torch.baddbmm(d_states[c + 1] + from_read[c], k_beta_t[c], d_residual[c], alpha=-1, out=d_states[c])
         del from_output, from_read
 
-        # Batched over chunks: q, k from the output and the state write; W, U from Un = U - W S.
-        flat_pseudo, flat_d_pseudo = _flat(pseudo), _flat(d_pseudo)
+        # Batched over chunks: q, k from the output and the state write.
+        flat_pseudo, flat_d_residual = _flat(pseudo), _flat(d_residual)
         entering = _flat(states[:-1]).transpose(-1, -2)
         d_scores = torch.bmm(grad_o, flat_pseudo.transpose(-1, -2)).tril_()
         d_q = torch.baddbmm(torch.bmm(grad_o, entering), d_scores, flat_k)
         d_k = torch.baddbmm(torch.bmm(d_scores.transpose(-1, -2), flat_q), flat_pseudo,
                             _flat(d_states[1:]).transpose(-1, -2))
         del d_scores
-        d_w = torch.bmm(flat_d_pseudo, entering).neg_()
-
-        # Through W = T diag(b) K and U = T diag(b) V with T = (I + A)^{-1}:
-        #   d(diag(b)K) = T^T dW,  d(diag(b)V) = T^T dU,  dA = -strict_lower(T^T dW W^T + T^T dU U^T)
-        inverse_t = inverse.transpose(-1, -2)
-        d_k_beta = torch.bmm(inverse_t, d_w)
-        d_v_beta = torch.bmm(inverse_t, flat_d_pseudo)
-        d_lower = torch.baddbmm(torch.bmm(d_k_beta, _flat(w).transpose(-1, -2)), d_v_beta,
-                                _flat(u).transpose(-1, -2)).tril_(-1).neg_()
+        # Through Un = T X with T = (I + A)^{-1}: dT = dUn X^T, so dA = -T^T dT T^T = -(T^T dUn)(T X)^T = -dX Un^T.
+        d_lower = torch.bmm(flat_d_residual, flat_pseudo.transpose(-1, -2)).tril_(-1).neg_()
+        # Through X = diag(b) V - diag(b) K S:  d(diag(b) K) = -dX S^T,  d(diag(b) V) = dX.
+        d_k_beta = torch.bmm(flat_d_residual, entering).neg_()
         # A_ij = b_i k_i . k_j (i > j): with M = diag(b) dA, dK += (M + M^T) K and db_i += sum_j dA_ij k_i . k_j
-        d_beta = (d_lower * gram).sum(-1) + (d_k_beta * flat_k).sum(-1) + (d_v_beta * flat_v).sum(-1)
+        d_beta = (d_lower * gram).sum(-1) + (d_k_beta * flat_k).sum(-1) + (flat_d_residual * flat_v).sum(-1)
         scaled = d_lower.mul_(flat_beta[..., None])
         d_k = torch.baddbmm(d_k, scaled + scaled.transpose(-1, -2), flat_k)
         d_k.addcmul_(d_k_beta, flat_beta[..., None])
-        d_v = d_v_beta.mul_(flat_beta[..., None])
+        d_v = flat_d_residual.mul_(flat_beta[..., None])
 
         shape_k, shape_v = k.shape, v.shape
         d_state0 = d_states[0] if ctx.has_state0 else None
