@@ -7,9 +7,9 @@ Per head and chunk of C tokens (rows of Q, K, V; beta a vector), state S [K, V] 
     Un = U - W S                                    (the chunk's pseudo-values u_t given the incoming S)
     O  = Q S + lower_incl_diag(Q K^T) Un,           S_next = S + K^T Un
 
-Everything except the S recurrence is batched over all chunks at once; the loop over chunks does two
-matmuls per step. The delta rule has a hand-written backward (the same structure run in reverse), which is
-much faster than autograd through the loop. Tails are padded with k = v = q = 0 and beta = 0, which leaves
+Everything except the S recurrence is batched over all chunks at once; the loop over chunks does three small
+matmuls per step (Un is computed there as T diag(beta) (V - K S), so W and U are never materialised). The delta
+rule has a hand-written backward (the same structure run in reverse), much faster than autograd through the loop. Tails are padded with k = v = q = 0 and beta = 0, which leaves
 the state unchanged, so any T works; packed sequences (cu_seqlens) are scattered into a zero-padded batch.
 """
 
