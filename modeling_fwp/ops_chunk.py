@@ -9,8 +9,9 @@ Per head and chunk of C tokens (rows of Q, K, V; beta a vector), state S [K, V] 
 
 Everything except the S recurrence is batched over all chunks at once; the loop over chunks does three small
 matmuls per step (Un is computed there as T diag(beta) (V - K S), so W and U are never materialised). The delta
-rule has a hand-written backward (the same structure run in reverse), much faster than autograd through the loop. Tails are padded with k = v = q = 0 and beta = 0, which leaves
-the state unchanged, so any T works; packed sequences (cu_seqlens) are scattered into a zero-padded batch.
+rule has a hand-written backward (the same structure run in reverse), much faster than autograd through the loop.
+Tails are padded with k = v = q = 0 and beta = 0, which leaves the state unchanged, so any T works; packed
+sequences (cu_seqlens) are scattered into a zero-padded batch.
 """
 
 from __future__ import annotations
