@@ -35,7 +35,7 @@ class FWPConfig(PretrainedConfig):
             Allowed: 1 <= nu < 2 * head_dim.
         favor_features (`int`, *optional*, defaults to 64): FAVOR+'s number of random features m (key size 2m).
         favor_redraw (`bool`, *optional*, defaults to `True`): redraw FAVOR+'s random matrix at every training
-            forward (the paper); it stays fixed in eval and is saved with the weights either way.
+            forward with gradients (the paper); it stays fixed in eval and is saved with the weights either way.
         qk_norm (`str`, *optional*, defaults to `"sum"`): normalisation of phi(k) and phi(q): `"sum"` (divide by the
             sum of the features, Eq. 29), `"l2"` (unit L2 norm, modern DeltaNet) or `"none"`.
         qk_norm_eps (`float`, *optional*, defaults to 1e-5): epsilon of the sum / l2 normalisation, so an all-zero

@@ -378,11 +378,13 @@ class FWPModel(FWPPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = FWPCache(config=self.config)
         segment = self.config.inference_segment_size
-        if segment and seq_len > segment and not torch.is_grad_enabled() and not self.training \
-                and cu_seqlens is None and cu_seq_lens_q is None and position_ids is None:
+        packed = cu_seqlens is not None or cu_seq_lens_q is not None or (
+            position_ids is not None and batch_size == 1 and attention_mask is None
+            and cu_seqlens_from_position_ids(position_ids) is not None)
+        if segment and seq_len > segment and not torch.is_grad_enabled() and not packed:
             return self._forward_in_segments(inputs_embeds, attention_mask, past_key_values, use_cache,
                                              output_hidden_states, segment)
-        if self.training and self.config.feature_map == "favor" and self.config.favor_redraw:
+        if self.training and torch.is_grad_enabled() and self.config.feature_map == "favor" and self.config.favor_redraw:
             self._redraw_random_features()
 
         layout = build_layout(batch_size, seq_len, inputs_embeds.device, attention_mask,
@@ -491,6 +493,9 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
         cu_seqlens / cu_seq_lens_q (`torch.IntTensor`, *optional*):
             Boundaries of packed documents in a batch of one row; no state crosses a boundary. Packed position_ids
             that restart at 0 (transformers' `DataCollatorWithFlattening`) are understood too.
+        position_ids (`torch.LongTensor`, *optional*):
+            Only read to find packed documents. Positions (rotary / sinusoidal) are counted per sequence from the
+            cache and the attention_mask, so they stay exact under padding, chunked prefill and continuation.
         """
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

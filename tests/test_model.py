@@ -312,3 +312,13 @@ def test_cache_holds_no_view_of_a_larger_buffer():
     for layer in cache.layers:
         for t in layer.tensors():
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_generate_prefill_is_segmented_even_in_train_mode(monkeypatch):
+    model = tiny_model(inference_segment_size=8)
+    model.train()  # a model made with from_config starts in train mode; generate() must still bound its memory
+    calls = []
+    real = model.model._forward_in_segments
+    monkeypatch.setattr(model.model, "_forward_in_segments", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = model.generate(ids(1, 30), max_new_tokens=2, do_sample=False)
+    assert calls and out.shape == (1, 32)
