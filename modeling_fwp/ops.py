@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops_chunk import check_cu_seqlens_values, delta_rule_chunk, state_dtype_for, sum_rule_chunk
+from .ops_chunk import check_cu_seqlens_values, delta_rule_chunk, pack_to_padded, state_dtype_for, sum_rule_chunk
 
 try:
     from .ops_triton import delta_rule_triton, sum_rule_triton
@@ -121,14 +121,18 @@ def _resolve_scale(scale, key_dim: int) -> float:
     return float(scale)
 
 
-def _pick_backend(backend: str, q: torch.Tensor) -> str:
+def _pick_backend(backend: str, q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if q.is_cuda and HAS_TRITON_OPS:
             return "triton"
-        # One step: the loop has no chunk set-up cost (the typical generation step).
-        return "recurrent" if q.shape[1] == 1 else "chunk"
+        # One step per sequence (a generation step, also packed: T == N): the loop has no chunk set-up cost.
+        one_step = q.shape[1] <= 1 or (
+            cu_seqlens is not None and q.shape[1] == cu_seqlens.numel() - 1
+            and bool((cu_seqlens[1:] - cu_seqlens[:-1]).max() <= 1)
+        )
+        return "recurrent" if one_step else "chunk"
     if backend == "triton" and not HAS_TRITON_OPS:
         raise RuntimeError(
             f"backend='triton' needs modeling_fwp.ops_triton and a working triton install; import failed: "
@@ -162,7 +166,7 @@ def delta_rule(
         raise ValueError("beta must be a tensor of shape [B, T, H], got None")
     _check_inputs(q, k, v, beta, initial_state, cu_seqlens, chunk_size)
     scale = _resolve_scale(scale, k.shape[-1])
-    backend = _pick_backend(backend, q)
+    backend = _pick_backend(backend, q, cu_seqlens)
     args = (q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
     if backend == "recurrent":
         return delta_rule_recurrent(*args)
@@ -187,7 +191,7 @@ def sum_rule(
     """Sum-rule fast weights (linear attention, no denominator). Returns (o [B,T,H,V], state [N,H,K,V] or None)."""
     _check_inputs(q, k, v, None, initial_state, cu_seqlens, chunk_size)
     scale = _resolve_scale(scale, k.shape[-1])
-    backend = _pick_backend(backend, q)
+    backend = _pick_backend(backend, q, cu_seqlens)
     args = (q, k, v, scale, initial_state, output_final_state, cu_seqlens)
     if backend == "recurrent":
         return sum_rule_recurrent(*args)
@@ -215,17 +219,12 @@ def _recurrent(q, k, v, beta, scale, initial_state, output_final_state, cu_seqle
     scale = _resolve_scale(scale, k.shape[-1])
     if cu_seqlens is None:
         return _recurrent_batch(q, k, v, beta, scale, initial_state, output_final_state)
-    # Packed sequences: run each one on its own, from its own initial state.
+    # Packed sequences: a zero-padded batch, one row per sequence from its own initial state (the zero padding at
+    # the end of a row writes nothing). tests/test_ops.py checks this against running each sequence on its own.
     offsets = check_cu_seqlens_values(cu_seqlens, q.shape[1])
-    outputs, states = [], []
-    for index, (start, end) in enumerate(zip(offsets, offsets[1:])):
-        piece = lambda x: None if x is None else x[:, start:end]  # noqa: E731
-        state_in = None if initial_state is None else initial_state[index : index + 1]
-        o, state = _recurrent_batch(piece(q), piece(k), piece(v), piece(beta), scale, state_in, True)
-        outputs.append(o)
-        states.append(state)
-    o = torch.cat(outputs, dim=1)
-    return o, (torch.cat(states, dim=0) if output_final_state else None)
+    (q, k, v, beta), index = pack_to_padded((q, k, v, beta), offsets)
+    o, state = _recurrent_batch(q, k, v, beta, scale, initial_state, output_final_state)
+    return o.flatten(0, 1)[index].unsqueeze(0), state
 
 
 def _recurrent_batch(q, k, v, beta, scale, initial_state, output_final_state):

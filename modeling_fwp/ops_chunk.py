@@ -19,7 +19,10 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["check_cu_seqlens_values", "delta_rule_chunk", "state_dtype_for", "sum_rule_chunk", "unit_lower_inverse"]
+__all__ = [
+    "check_cu_seqlens_values", "delta_rule_chunk", "pack_to_padded", "state_dtype_for", "sum_rule_chunk",
+    "unit_lower_inverse",
+]
 
 
 def state_dtype_for(*tensors: torch.Tensor) -> torch.dtype:
@@ -99,7 +102,7 @@ def _run(core, q, k, v, beta, scale, initial_state, output_final_state, cu_seqle
 
     gather = None  # packed case: where each packed token sits in the padded batch
     if cu_seqlens is not None:
-        q, k, v, beta_c, gather = _pack_to_padded(q, k, v, beta_c, check_cu_seqlens_values(cu_seqlens, q.shape[1]))
+        (q, k, v, beta_c), gather = pack_to_padded((q, k, v, beta_c), check_cu_seqlens_values(cu_seqlens, q.shape[1]))
 
     batch, length, heads, _ = k.shape
     value_dim = v.shape[-1]
@@ -138,19 +141,27 @@ def _from_chunks(x: torch.Tensor, batch: int, heads: int, length: int) -> torch.
     return x.reshape(batch, n_chunks * size, heads, dim)[:, :length].contiguous()
 
 
-def _pack_to_padded(q, k, v, beta, offsets):
-    """Scatter packed [1, T, H, D] sequences into a zero-padded [N, max_len, H, D] batch (padding at the end)."""
-    lengths = [end - start for start, end in zip(offsets, offsets[1:])]
-    num, max_len = len(lengths), max(lengths)
-    positions = torch.cat([torch.arange(n, device=q.device) + i * max_len for i, n in enumerate(lengths)])
+def pack_to_padded(tensors, offsets):
+    """Scatter packed [1, T, ...] sequences into zero-padded [N, max_len, ...] batches (padding at the end).
+
+    Returns the padded tensors (None stays None) and `index`, the row of each packed token in the padded batch
+    flattened to [N * max_len, ...]; `padded.flatten(0, 1)[index]` gives the packed tensor back. Zero padding at
+    the end of a sequence (k = 0, beta = 0) never changes its state, so the padded batch runs as is.
+    """
+    device = next(t for t in tensors if t is not None).device
+    starts = torch.tensor(offsets[:-1], device=device)
+    lengths = torch.tensor(offsets[1:], device=device) - starts
+    num, max_len = len(offsets) - 1, max(b - a for a, b in zip(offsets, offsets[1:]))
+    sequence = torch.repeat_interleave(torch.arange(num, device=device), lengths)
+    index = torch.arange(offsets[-1], device=device) - starts[sequence] + sequence * max_len
 
     def scatter(x):
         if x is None:
             return None
         flat = x.new_zeros(num * max_len, *x.shape[2:])
-        return flat.index_copy(0, positions, x[0]).reshape(num, max_len, *x.shape[2:])
+        return flat.index_copy(0, index, x[0]).reshape(num, max_len, *x.shape[2:])
 
-    return scatter(q), scatter(k), scatter(v), scatter(beta), positions
+    return [scatter(t) for t in tensors], index
 
 
 # ----------------------------------------------------------------------------------------------- sum rule

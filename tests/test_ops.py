@@ -212,6 +212,25 @@ def test_final_state_only_when_asked_and_empty_input(backend):
     assert sum_rule(q, k, v, backend=backend)[1] is None
 
 
+@pytest.mark.parametrize("lengths", [None, [1, 0, 1, 1], [0, 0], [3, 1, 0]], ids=["batch", "decode", "empty", "mixed"])
+@pytest.mark.parametrize("backend", ["auto", "chunk"])
+def test_one_token_per_sequence_and_empty_packs(backend, lengths):
+    """Generation steps: one token per sequence, also packed (T == N, where "auto" takes the loop), and T == 0."""
+    total = 1 if lengths is None else sum(lengths)
+    states = 2 if lengths is None else len(lengths)
+    cu_seqlens = None if lengths is None else torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    q, k, v, beta, state = _inputs(1 if lengths else 2, total, 2, 8, 4, True, num_states=states)
+    for rule, reference in (("delta", delta_rule_recurrent), ("sum", sum_rule_recurrent)):
+        extra = (beta,) if rule == "delta" else ()
+        function = delta_rule if rule == "delta" else sum_rule
+        o, final = function(q, k, v, *extra, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens,
+                            backend=backend)
+        o_ref, s_ref = reference(q, k, v, *extra, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
+        assert o.shape == o_ref.shape == v.shape
+        torch.testing.assert_close(o, o_ref)
+        torch.testing.assert_close(final, s_ref)
+
+
 def test_auto_matches_reference_for_one_step_and_many():
     for length in (1, 40):
         q, k, v, beta, state = _inputs(2, length, 2, 8, 4, True)
