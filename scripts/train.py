@@ -122,7 +122,8 @@ class RunArguments:
     sample_max_new_tokens: int = field(default=200, metadata={"help": "Length of that sample in tokens."})
     max_train_minutes: float | None = field(default=None, metadata={
         "help": "Stop training (then evaluate and save as usual) once this many minutes of training have passed, "
-                "even before max_steps: a wall-clock budget for slow or busy machines."})
+                "even before max_steps: a wall-clock budget for slow or busy machines. The learning rate then warms "
+                "up and decays (cosine) over whichever runs out first, steps or time (replaces lr_scheduler_type)."})
     torch_num_threads: int | None = field(default=None, metadata={
         "help": "CPU threads per process for PyTorch (default: PyTorch's choice, all cores). On a machine busy with "
                 "other jobs, 1 avoids threads waiting on each other."})
@@ -282,10 +283,31 @@ class FWPTrainer(Trainer):
 
     STREAM_COLUMNS = ("shift_labels", "segment_index")
 
-    def __init__(self, *args, carry_state: bool = False, **kwargs):
+    def __init__(self, *args, carry_state: bool = False, time_budget: TimeBudget | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.carry_state = carry_state
         self._carried = {}  # model.training -> (segment_index, detached FWPCache)
+        self.time_budget = time_budget
+        if time_budget is not None:
+            self.add_callback(time_budget)
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        """With a time budget: linear warm-up, then a cosine decay over whichever runs out first, the steps or the
+        time, so the learning rate reaches 0 exactly when training stops (replaces lr_scheduler_type)."""
+        if self.time_budget is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        budget = self.time_budget
+
+        def factor(step):
+            if step < warmup:
+                return step / max(1, warmup)
+            progress = max((step - warmup) / max(1, num_training_steps - warmup), budget.elapsed_fraction())
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -331,17 +353,23 @@ class FWPTrainer(Trainer):
 
 
 class TimeBudget(TrainerCallback):
-    """Ends training once `minutes` have passed (checked after every step); the run then evaluates and saves."""
+    """Ends training once `minutes` have passed (checked after every step); the run then evaluates and saves.
+    FWPTrainer also anneals the learning rate by this clock, so a run cut short by time still ends annealed."""
 
     def __init__(self, minutes: float):
+        if not minutes > 0:
+            raise ValueError(f"--max_train_minutes={minutes} must be > 0.")
         self.seconds = 60.0 * minutes
         self.start = None
+
+    def elapsed_fraction(self) -> float:
+        return 0.0 if self.start is None else (time.monotonic() - self.start) / self.seconds
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() - self.start > self.seconds and not control.should_training_stop:
+        if self.elapsed_fraction() >= 1.0 and not control.should_training_stop:
             control.should_training_stop = True
             if state.is_world_process_zero:
                 print(f"\nTime budget of {self.seconds / 60:g} minutes reached at step {state.global_step} of "
@@ -460,7 +488,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     trainer = FWPTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          data_collator=collator, processing_class=tokenizer, carry_state=data_args.carry_state,
-                         callbacks=[TimeBudget(run_args.max_train_minutes)] if run_args.max_train_minutes else None)
+                         time_budget=TimeBudget(run_args.max_train_minutes) if run_args.max_train_minutes else None)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # model, tokenizer (processing_class) and generation config
     trainer.log_metrics("train", result.metrics)

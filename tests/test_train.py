@@ -160,6 +160,27 @@ def test_fine_tune_with_packing_checkpointing_and_time_budget(trained, mini_corp
     assert len(logged_losses(tmp_path / "tuned")) == 1  # the time budget ended training after the first step
 
 
+def test_time_budget_anneals_by_steps_or_time(tmp_path):
+    import math
+    import time
+
+    from transformers import TrainingArguments
+
+    budget = train.TimeBudget(minutes=1.0)
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1.0, warmup_steps=10, report_to="none",
+                             use_cpu=True)
+    model = FWPForCausalLM(FWPConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_heads=1))
+    trainer = train.FWPTrainer(model=model, args=args, time_budget=budget)
+    trainer.create_optimizer()
+    factor = trainer.create_scheduler(num_training_steps=1010).lr_lambdas[0]
+    assert factor(5) == pytest.approx(0.5)  # warm-up
+    assert factor(10) == pytest.approx(1.0) and factor(1010) == pytest.approx(0.0)  # steps decide
+    budget.start = time.monotonic() - 45.0  # three quarters of the budget gone
+    assert factor(110) == pytest.approx(0.5 * (1 + math.cos(0.75 * math.pi)), abs=1e-3)  # time decides
+    assert factor(910) == pytest.approx(0.5 * (1 + math.cos(0.9 * math.pi)))  # steps are further along
+    assert budget in trainer.callback_handler.callbacks
+
+
 def test_carry_state_training(mini_corpus, tmp_path):
     summary = train.main(run_args(mini_corpus, tmp_path / "carry", "--carry_state", "true", "--max_steps", "6",
                                   "--save_strategy", "no"))
