@@ -121,11 +121,17 @@ def _resolve_scale(scale, key_dim: int) -> float:
     return float(scale)
 
 
+def _outside_autocast(q: torch.Tensor):
+    """Every backend picks its own precision (fp32 state, o in v's dtype); an enclosing autocast region (Trainer's
+    --bf16) would recast their internal products and mix dtypes, so it is switched off around them."""
+    return torch.autocast(q.device.type, enabled=False)
+
+
 def _pick_backend(backend: str, q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if q.is_cuda and HAS_TRITON_OPS:
+        if q.is_cuda and HAS_TRITON_OPS and q.dtype != torch.float64:  # the kernels stop at fp32
             return "triton"
         # One step per sequence (a generation step, also packed: T == N): the loop has no chunk set-up cost.
         one_step = q.shape[1] <= 1 or (
@@ -168,13 +174,14 @@ def delta_rule(
     scale = _resolve_scale(scale, k.shape[-1])
     backend = _pick_backend(backend, q, cu_seqlens)
     args = (q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    if backend == "recurrent":
-        return delta_rule_recurrent(*args)
-    if backend == "chunk":
-        return delta_rule_chunk(*args, chunk_size=chunk_size)
-    if backend == "triton":
-        return delta_rule_triton(*args, chunk_size=chunk_size)
-    return delta_rule_fla(*args, chunk_size=chunk_size)
+    with _outside_autocast(q):
+        if backend == "recurrent":
+            return delta_rule_recurrent(*args)
+        if backend == "chunk":
+            return delta_rule_chunk(*args, chunk_size=chunk_size)
+        if backend == "triton":
+            return delta_rule_triton(*args, chunk_size=chunk_size)
+        return delta_rule_fla(*args, chunk_size=chunk_size)
 
 
 def sum_rule(
@@ -193,13 +200,14 @@ def sum_rule(
     scale = _resolve_scale(scale, k.shape[-1])
     backend = _pick_backend(backend, q, cu_seqlens)
     args = (q, k, v, scale, initial_state, output_final_state, cu_seqlens)
-    if backend == "recurrent":
-        return sum_rule_recurrent(*args)
-    if backend == "chunk":
-        return sum_rule_chunk(*args, chunk_size=chunk_size)
-    if backend == "triton":
-        return sum_rule_triton(*args, chunk_size=chunk_size)
-    return sum_rule_fla(*args, chunk_size=chunk_size)
+    with _outside_autocast(q):
+        if backend == "recurrent":
+            return sum_rule_recurrent(*args)
+        if backend == "chunk":
+            return sum_rule_chunk(*args, chunk_size=chunk_size)
+        if backend == "triton":
+            return sum_rule_triton(*args, chunk_size=chunk_size)
+        return sum_rule_fla(*args, chunk_size=chunk_size)
 
 
 # ----------------------------------------------------------------------------------------------- reference

@@ -322,3 +322,16 @@ def test_generate_prefill_is_segmented_even_in_train_mode(monkeypatch):
     monkeypatch.setattr(model.model, "_forward_in_segments", lambda *a, **k: calls.append(1) or real(*a, **k))
     out = model.generate(ids(1, 30), max_new_tokens=2, do_sample=False)
     assert calls and out.shape == (1, 32)
+
+
+def test_bf16_autocast_training_step_matches_fp32_closely():
+    # Trainer's --bf16 runs the forward under autocast; the ops keep their own fp32 precision inside it.
+    model = FWPForCausalLM(tiny_config(**VARIANTS["modern"]))
+    x = ids(2, 70)
+    reference = model(x, labels=x).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, labels=x, use_cache=True)
+    out.loss.backward()
+    assert out.past_key_values.layers[0].fast_weights.dtype == torch.float32
+    assert abs(out.loss.item() - reference.item()) < 0.05
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
