@@ -48,6 +48,8 @@ def unit_lower_inverse(strict_lower: torch.Tensor, block: int = 8) -> torch.Tens
     T_i,<i = -T_ii A_i,<i T_<i,<i.
     """
     count, size, _ = strict_lower.shape
+    if not strict_lower.is_contiguous():  # the block views below assume the contiguous layout
+        return unit_lower_inverse(strict_lower.contiguous(), block)
     if size % block:  # ragged sizes (short sequences): zero-pad to whole blocks, the padding inverts to I
         pad = block - size % block
         padded = torch.nn.functional.pad(strict_lower, (0, pad, 0, pad))
@@ -213,7 +215,8 @@ class _DeltaChunk(torch.autograd.Function):
         inverse = unit_lower_inverse(lower).view(n_chunks, bh, size, size)  # T = (I + A)^{-1}
         del lower
         k_beta = k * beta[..., None]
-        v_beta = v * beta[..., None]
+        # X = diag(b) (V - K S): what each token would write, before T couples them. Built in place from diag(b) V.
+        residual = v * beta[..., None]
 
         # Sequential part: states[c] is the state entering chunk c, states[n] the final one.
         states = k.new_empty(n_chunks + 1, bh, key_dim, value_dim)
@@ -221,14 +224,12 @@ class _DeltaChunk(torch.autograd.Function):
             states[0].zero_()
         else:
             states[0].copy_(state0)
-        residual = torch.empty_like(v)  # X = diag(b) (V - K S): what each token would write, before T couples them
         pseudo = torch.empty_like(v)  # Un = T X
         k_t = k.transpose(-1, -2)
         for c in range(n_chunks):
-            torch.baddbmm(v_beta[c], k_beta[c], states[c], alpha=-1, out=residual[c])
+            residual[c].baddbmm_(k_beta[c], states[c], alpha=-1)
             torch.bmm(inverse[c], residual[c], out=pseudo[c])
             torch.baddbmm(states[c], k_t[c], pseudo[c], out=states[c + 1])
-        del v_beta
 
         scores = torch.bmm(flat_q, flat_k.transpose(-1, -2)).tril_()  # causal, diagonal included
         # o = scale (Q S + scores Un); beta != 1 in baddbmm is a slow path on CPU, so scale in place afterwards.

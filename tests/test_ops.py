@@ -310,6 +310,8 @@ def test_unit_lower_inverse_matches_dense_inverse(size):
     strict_lower = 0.3 * torch.randn(3, size, size, dtype=torch.float64).tril(-1)
     expected = torch.linalg.inv(strict_lower + torch.eye(size, dtype=torch.float64))
     torch.testing.assert_close(unit_lower_inverse(strict_lower), expected)
+    torch.testing.assert_close(unit_lower_inverse(strict_lower.transpose(-1, -2).contiguous().transpose(-1, -2)),
+                               expected)  # a non-contiguous input
 
 
 def test_unit_lower_inverse_fp32_with_identical_keys():
