@@ -186,22 +186,15 @@ def print_table(rows, backends, dev):
 
 # ------------------------------------------------------------------------------------------- correctness
 def reference64(q, k, v, beta, scale, h0, cu, rule):
-    """Token loop in float64 (autograd-differentiable), all heads at once."""
+    """The project's step-by-step reference (ops.py) in float64, autograd-differentiable."""
+    from modeling_fwp.ops import delta_rule_recurrent, sum_rule_recurrent
+
     q, k, v = q.double(), k.double(), v.double()
-    B, T, H, K = q.shape
-    segs = [(b, 0, T) for b in range(B)] if cu is None else [(0, cu[i], cu[i + 1]) for i in range(len(cu) - 1)]
-    outs = [[None] * T for _ in range(B)]
-    states = []
-    for n, (b, s, e) in enumerate(segs):
-        S = h0[n].double() if h0 is not None else q.new_zeros(H, K, v.shape[-1])
-        for t in range(s, e):
-            u = v[b, t]
-            if rule == "delta":
-                u = beta[b, t].double()[:, None] * (u - torch.einsum("hkv,hk->hv", S, k[b, t]))
-            S = S + k[b, t][:, :, None] * u[:, None, :]
-            outs[b][t] = scale * torch.einsum("hkv,hk->hv", S, q[b, t])
-        states.append(S)
-    return torch.stack([torch.stack(r) for r in outs]), torch.stack(states)
+    h0 = None if h0 is None else h0.double()
+    cu = None if cu is None else torch.as_tensor(cu, dtype=torch.int64, device=q.device)
+    if rule == "delta":
+        return delta_rule_recurrent(q, k, v, beta.double(), scale, h0, True, cu)
+    return sum_rule_recurrent(q, k, v, scale, h0, True, cu)
 
 
 CHECK_CASES = [  # (B, T, H, K, V, cu_seqlens, dtype, rule)

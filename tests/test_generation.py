@@ -39,13 +39,7 @@ VARIANTS = {
 POSITIONAL = ["conv_rotary_prenorm", "sinusoidal"]  # outputs depend on each token's position
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds sync cost on a 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(variant="delta_net", vocab_size=VOCAB, seed=0, **overrides) -> FWPForCausalLM:

@@ -16,13 +16,7 @@ _TRITON_ON_CPU = (Path(ops.__file__).with_name("ops_triton.py").exists() and os.
 FAST_BACKENDS = ["chunk"] + (["triton"] if _TRITON_ON_CPU else [])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: a second intra-op thread only adds sync cost (10x on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tolerance(backend):

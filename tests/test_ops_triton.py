@@ -54,24 +54,15 @@ CASES = {
 
 
 def reference(q, k, v, beta, scale, h0, cu, rule):
-    """The definition, token by token in float64: u = beta (v - S^T k), S += k u^T, o = scale S^T q."""
+    """The definition: the project's step-by-step reference (ops.py), run in float64."""
+    from modeling_fwp.ops import delta_rule_recurrent, sum_rule_recurrent
+
     q, k, v = q.double(), k.double(), v.double()
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    segs = [(b, 0, T) for b in range(B)] if cu is None else [(0, cu[i], cu[i + 1]) for i in range(len(cu) - 1)]
-    outs = [[None] * T for _ in range(B)]
-    states = []
-    for n, (b, s, e) in enumerate(segs):
-        S = h0[n].double() if h0 is not None else torch.zeros(H, K, V, dtype=torch.float64, device=q.device)
-        for t in range(s, e):
-            u = v[b, t]
-            if rule == "delta":
-                u = beta[b, t].double()[:, None] * (u - torch.einsum("hkv,hk->hv", S, k[b, t]))
-            S = S + k[b, t][:, :, None] * u[:, None, :]
-            outs[b][t] = scale * torch.einsum("hkv,hk->hv", S, q[b, t])
-        states.append(S)
-    o = torch.stack([torch.stack(row) for row in outs]) if T else torch.zeros(B, 0, H, V, dtype=torch.float64)
-    return o, torch.stack(states)
+    h0 = None if h0 is None else h0.double()
+    cu = None if cu is None else torch.as_tensor(cu, dtype=torch.int64, device=q.device)
+    if rule == "delta":
+        return delta_rule_recurrent(q, k, v, beta.double(), scale, h0, True, cu)
+    return sum_rule_recurrent(q, k, v, scale, h0, True, cu)
 
 
 def _inputs(B, T, H, K, V, N, h0, dtype, device, gen):
