@@ -213,6 +213,18 @@ def sum_rule(
 # ----------------------------------------------------------------------------------------------- reference
 
 
+def reference_float64(q, k, v, beta=None, scale=None, initial_state=None, cu_seqlens=None):
+    """The step-by-step definition in float64 (delta rule when beta is given, sum rule otherwise), returning
+    (o, final state): what the tests and GPU checks compare every fast backend against."""
+    q, k, v = q.double(), k.double(), v.double()
+    initial_state = None if initial_state is None else initial_state.double()
+    if cu_seqlens is not None:
+        cu_seqlens = torch.as_tensor(cu_seqlens, dtype=torch.int64, device=q.device)
+    if beta is None:
+        return sum_rule_recurrent(q, k, v, scale, initial_state, True, cu_seqlens)
+    return delta_rule_recurrent(q, k, v, beta.double(), scale, initial_state, True, cu_seqlens)
+
+
 def delta_rule_recurrent(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Step-by-step reference for the delta rule: one loop iteration per token (differentiable by autograd)."""
     return _recurrent(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)

@@ -186,15 +186,9 @@ def print_table(rows, backends, dev):
 
 # ------------------------------------------------------------------------------------------- correctness
 def reference64(q, k, v, beta, scale, h0, cu, rule):
-    """The project's step-by-step reference (ops.py) in float64, autograd-differentiable."""
-    from modeling_fwp.ops import delta_rule_recurrent, sum_rule_recurrent
+    from modeling_fwp.ops import reference_float64
 
-    q, k, v = q.double(), k.double(), v.double()
-    h0 = None if h0 is None else h0.double()
-    cu = None if cu is None else torch.as_tensor(cu, dtype=torch.int64, device=q.device)
-    if rule == "delta":
-        return delta_rule_recurrent(q, k, v, beta.double(), scale, h0, True, cu)
-    return sum_rule_recurrent(q, k, v, scale, h0, True, cu)
+    return reference_float64(q, k, v, beta if rule == "delta" else None, scale, h0, cu)
 
 
 CHECK_CASES = [  # (B, T, H, K, V, cu_seqlens, dtype, rule)

@@ -54,15 +54,9 @@ CASES = {
 
 
 def reference(q, k, v, beta, scale, h0, cu, rule):
-    """The definition: the project's step-by-step reference (ops.py), run in float64."""
-    from modeling_fwp.ops import delta_rule_recurrent, sum_rule_recurrent
+    from modeling_fwp.ops import reference_float64
 
-    q, k, v = q.double(), k.double(), v.double()
-    h0 = None if h0 is None else h0.double()
-    cu = None if cu is None else torch.as_tensor(cu, dtype=torch.int64, device=q.device)
-    if rule == "delta":
-        return delta_rule_recurrent(q, k, v, beta.double(), scale, h0, True, cu)
-    return sum_rule_recurrent(q, k, v, scale, h0, True, cu)
+    return reference_float64(q, k, v, beta if rule == "delta" else None, scale, h0, cu)
 
 
 def _inputs(B, T, H, K, V, N, h0, dtype, device, gen):
