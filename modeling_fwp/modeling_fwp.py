@@ -20,11 +20,6 @@ from .configuration_fwp import FWPConfig
 from .feature_maps import build_feature_map, normalize_qk
 from .ops import delta_rule, sum_rule
 
-try:  # transformers >= 5: init functions that respect already-loaded weights
-    from transformers import initialization as init
-except ImportError:  # pragma: no cover
-    from torch.nn import init
-
 try:
     from transformers.modeling_layers import GradientCheckpointingLayer
 except ImportError:  # pragma: no cover
@@ -323,10 +318,11 @@ class FWPPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, ShortConvolution):
-            # Start as (almost) the identity on the current token so q, k, v keep their scale.
-            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, ShortConvolution) and not getattr(module.weight, "_is_hf_initialized", False):
+            # Start as (almost) the identity on the current token so q, k, v keep their scale. (Skipped for weights
+            # that were loaded, which transformers flags.)
             with torch.no_grad():
+                module.weight.normal_(0.0, self.config.initializer_range)
                 module.weight[:, -1] += 1.0
 
     @classmethod
