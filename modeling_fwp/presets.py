@@ -1,28 +1,61 @@
-"""Named model presets: the config JSON files in configuration/models/ (the paper's settings, tiny, 370M)."""
+"""Named model presets: the config JSON files in configuration/models/ (the paper's settings, tiny, 370M), and the
+"k=v,k=v" config overrides the scripts accept."""
 
+import inspect
 import json
 from pathlib import Path
 
 from .configuration_fwp import FWPConfig
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configuration" / "models"
+# Bookkeeping keys of saved configs and presets that are not FWPConfig fields.
+NON_FIELDS = ("model_type", "transformers_version", "architectures", "auto_map")
 
 
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
-def load_preset(name_or_path: str, **overrides) -> FWPConfig:
-    """FWPConfig from a preset name (e.g. "tiny", "wt103-small-delta-net") or a path to a config JSON; keyword
-    overrides replace fields (and are validated like any config value)."""
+def preset_fields(name_or_path: str) -> dict:
+    """The config fields of a preset name (e.g. "tiny") or of a config JSON path, without bookkeeping keys."""
     path = Path(name_or_path)
-    if not path.suffix == ".json" or not path.exists():
+    if name_or_path.endswith(".json") or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"preset {name_or_path!r}: no such file.")
+    else:
         path = PRESET_DIR / f"{name_or_path}.json"
-    if not path.exists():
-        raise ValueError(f"Unknown preset {name_or_path!r}; available presets: {', '.join(list_presets())} "
-                         f"(or pass the path of a config JSON).")
-    fields = json.loads(path.read_text())
-    fields.pop("_comment", None)
-    fields.pop("model_type", None)
-    fields.update(overrides)
-    return FWPConfig(**fields)
+        if not path.is_file():
+            raise ValueError(f"Unknown preset {name_or_path!r}; known presets: {', '.join(list_presets()) or 'none'} "
+                             f"(configuration/models), or pass the path of a config JSON.")
+    return without_bookkeeping(json.loads(path.read_text()))
+
+
+def without_bookkeeping(fields: dict) -> dict:
+    return {k: v for k, v in fields.items() if not k.startswith("_") and k not in NON_FIELDS}
+
+
+def load_preset(name_or_path: str, **overrides) -> FWPConfig:
+    """FWPConfig from a preset name or a config JSON path; keyword overrides replace fields (and are validated like
+    any config value)."""
+    return FWPConfig(**{**preset_fields(name_or_path), **overrides})
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    """ "k=v,k=v" -> {k: v}, values read as JSON where possible (numbers, true/false, null), as strings otherwise;
+    unknown field names are refused."""
+    overrides = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f'--config_overrides: {item!r} is not of the form key=value (e.g. "hidden_size=64").')
+        raw = raw.strip()
+        raw = {"True": "true", "False": "false", "None": "null"}.get(raw, raw)
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw
+    allowed = [name for name in inspect.signature(FWPConfig.__init__).parameters if name not in ("self", "kwargs")]
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"--config_overrides: unknown FWPConfig field(s) {unknown}; allowed: {', '.join(allowed)}.")
+    return overrides

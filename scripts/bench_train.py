@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import modeling_fwp  # noqa: E402,F401  registers "fwp"
 from modeling_fwp import FWPForCausalLM  # noqa: E402
-from modeling_fwp.presets import load_preset  # noqa: E402
+from modeling_fwp.presets import load_preset, parse_config_overrides  # noqa: E402
 
 MODELS = ("fwp", "fla", "llama")
 
@@ -61,19 +61,6 @@ def parse_args(argv=None):
     if args.warmup_steps < 0:
         parser.error("--warmup_steps must be >= 0")
     return args
-
-
-def parse_overrides(text: str) -> dict:
-    overrides = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--config_overrides: {item!r} is not key=value")
-        try:
-            overrides[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = raw
-    return overrides
 
 
 def build_model(name: str, config, seq_len: int):
@@ -179,7 +166,7 @@ def main(argv=None):
     from accelerate import Accelerator
 
     args = parse_args(argv)
-    config = load_preset(args.preset, **parse_overrides(args.config_overrides))
+    config = load_preset(args.preset, **parse_config_overrides(args.config_overrides))
     # mixed_precision="no": the autocast above is the only one, so --dtype means what it says even under an
     # accelerate config that asks for bf16.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")

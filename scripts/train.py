@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -45,6 +44,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a clone without installing
 import modeling_fwp  # noqa: E402  registers model_type "fwp" with the Auto classes
 from modeling_fwp import FWPConfig  # noqa: E402
 from modeling_fwp import data as fwp_data  # noqa: E402
+from modeling_fwp import presets  # noqa: E402
 from modeling_fwp import tokenizer_utils  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
@@ -57,7 +57,6 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
-PRESET_DIR = REPO_ROOT / "configuration" / "models"
 RECIPE_DIR = REPO_ROOT / "configuration" / "recipes"
 DEFAULT_RECIPE = "tiny_cpu"
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -182,42 +181,8 @@ def parse_arguments(argv: list[str] | None = None):
     return model_args, data_args, run_args, training_args
 
 
-def parse_config_overrides(text: str | None) -> dict:
-    """ "k=v,k=v" -> {k: v}, values read as JSON where possible (numbers, true/false, null) and as strings else."""
-    overrides = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f'--config_overrides: {item!r} is not of the form key=value (e.g. "hidden_size=64").')
-        raw = raw.strip()
-        raw = {"True": "true", "False": "false", "None": "null"}.get(raw, raw)
-        try:
-            overrides[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = raw
-    allowed = [name for name in inspect.signature(FWPConfig.__init__).parameters if name not in ("self", "kwargs")]
-    unknown = sorted(set(overrides) - set(allowed))
-    if unknown:
-        raise ValueError(f"--config_overrides: unknown FWPConfig field(s) {unknown}; allowed: {', '.join(allowed)}.")
-    return overrides
-
-
-def resolve_preset(preset: str) -> Path:
-    path = Path(preset)
-    if preset.endswith(".json") or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"--preset {preset!r}: no such file.")
-        return path
-    path = PRESET_DIR / f"{preset}.json"
-    if not path.is_file():
-        known = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
-        raise ValueError(f"--preset {preset!r} is not a known preset; known presets: {', '.join(known) or 'none'} "
-                         "(configuration/models), or pass a path to a config JSON.")
-    return path
-
-
 def build_config(model_args: ModelArguments):
-    overrides = parse_config_overrides(model_args.config_overrides)
+    overrides = presets.parse_config_overrides(model_args.config_overrides)
     if model_args.model_name_or_path:
         from transformers import AutoConfig
 
@@ -227,12 +192,9 @@ def build_config(model_args: ModelArguments):
         config = AutoConfig.from_pretrained(path)
         if config.model_type != FWPConfig.model_type:
             raise ValueError(f"--model_name_or_path {path!r} is a {config.model_type!r} model, not an FWP model.")
-        values = {**config.to_dict(), **overrides}
+        values = {**presets.without_bookkeeping(config.to_dict()), **overrides}
     else:
-        values = {**json.loads(resolve_preset(model_args.preset).read_text()), **overrides}
-    for key in [k for k in values if k.startswith("_")] + ["model_type", "transformers_version", "architectures",
-                                                           "auto_map"]:
-        values.pop(key, None)  # bookkeeping of saved configs and "_comment" notes of presets
+        values = {**presets.preset_fields(model_args.preset), **overrides}
     return FWPConfig(**values)  # validates every field
 
 
