@@ -50,6 +50,8 @@ def parse_args(argv=None):
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the results here (main process)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, profile 2 steps and print each model's N costliest kernels (GPU time)")
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(args.models) - set(MODELS))
@@ -136,17 +138,65 @@ def bench_one(name, config, args, accelerator):
     last_loss = loss.item()  # also waits for the device
     synchronize()
     seconds = time.perf_counter() - start
+    profile = profile_steps(step, args.profile) if args.profile else None
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     peak = accelerator.gather(torch.tensor([peak], device=accelerator.device)).max().item()
     tokens = args.batch_size * args.seq_len * args.steps * accelerator.num_processes
     result = {"model": name, "note": note, "parameters_M": parameters / 1e6, "tokens_per_s": tokens / seconds,
               "step_ms": 1000 * seconds / args.steps, "peak_memory_GiB": peak, "last_loss": last_loss}
+    if profile is not None:
+        result["profile"] = profile
     del model, optimizer, batch
     accelerator.free_memory()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def profile_steps(step, top: int) -> dict:
+    """Two steps under torch.profiler: the `top` kernels and the `top` operators (the kernels' time attributed to the
+    operator that launched them) by device time per step, so a gap to a peer is traced to what costs it."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(2):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    kernels, operators = [], []
+    for event in prof.key_averages():
+        if not cuda:
+            operators.append((event.key, event.count, event.self_cpu_time_total))
+        elif event.device_type == DeviceType.CUDA:
+            kernels.append((event.key, event.count, event.self_device_time_total))
+        else:
+            operators.append((event.key, event.count, event.self_device_time_total))
+
+    def table(rows):
+        rows = [r for r in rows if r[2] > 0]
+        total = sum(r[2] for r in rows)
+        rows.sort(key=lambda r: -r[2])
+        out = [{"name": name[:100], "calls_per_step": count / 2, "ms_per_step": us / 2e3, "share": us / total}
+               for name, count, us in rows[:top]]
+        return out + [{"name": "(all)", "calls_per_step": sum(r[1] for r in rows) / 2, "ms_per_step": total / 2e3,
+                       "share": 1.0}]
+
+    return {"kernels": table(kernels), "operators": table(operators)}
+
+
+def profile_markdown(result) -> str:
+    lines = []
+    for kind, rows in result["profile"].items():
+        if len(rows) <= 1:
+            continue
+        lines += ["", f"Profile of {result['model']}: {kind} by device time per step", "",
+                  "| name | calls | ms | share |", "|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['calls_per_step']:.0f} | {r['ms_per_step']:.2f} | {100 * r['share']:.1f}% |"
+                  for r in rows]
+    return "\n".join(lines)
 
 
 def markdown(results, header) -> str:
@@ -181,6 +231,9 @@ def main(argv=None):
                   f"{args.batch_size} x {args.seq_len} tokens per process, {args.dtype} autocast, AdamW, "
                   f"{args.steps} timed steps after {args.warmup_steps} warm-up")
         print(markdown(results, header))
+        for result in results:
+            if "profile" in result:
+                print(profile_markdown(result))
         if args.json:
             Path(args.json).write_text(json.dumps(info, indent=1))
     return info

@@ -2,6 +2,7 @@
 the exactness of padding/compaction, the report logic, and the --quick mode end to end (CI smoke test)."""
 
 import csv
+import json
 import importlib.util
 import math
 import os
@@ -233,3 +234,29 @@ def test_quick_mode_end_to_end(tmp_path):
     assert "other section" in text and text.count(sr.BEGIN) == 1
     sr.main(["--report-only", "--out", str(out), "--results-md", str(results_md)])  # rebuild replaces the section
     assert results_md.read_text().count(sr.BEGIN) == 1
+
+
+def test_shards_cover_the_plan_once_and_merge(tmp_path):
+    groups = sr.buckets(sr.plan("full"), 5)
+    shards = [sr.shard_groups(groups, k, 3) for k in (1, 2, 3)]
+    keys = [s.key() for shard in shards for group in shard for s in group]
+    assert sorted(keys) == sorted(s.key() for s in sr.plan("full"))  # every run in exactly one shard
+    costs = [sum(sr.bucket_cost(g) for g in shard) for shard in shards]
+    assert max(costs) < 1.5 * min(costs)  # balanced by cost
+
+    threads = torch.get_num_threads()
+    try:
+        for k in (1, 2):
+            sr.main(["--quick", "--out", str(tmp_path / f"s{k}"), "--shard", f"{k}/2", "--max-steps", "20",
+                     "--eval-every", "20", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    sr.main(["--merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "all")])
+    rows = sr.load_csv(tmp_path / "all" / "results.csv")
+    assert sorted((r["setting"], r["model"], r["rule"], r["S"]) for r in rows) == sorted(
+        s.key()[:4] for s in sr.plan("quick"))
+    meta = json.load(open(tmp_path / "all" / "meta.json"))
+    assert [m["shard"] for m in meta["shards"]] == ["1/2", "2/2"] and meta["runs"] == len(sr.plan("quick"))
+    assert "2 shards" in (tmp_path / "all" / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        sr.main(["--quick", "--shard", "3/2"])
