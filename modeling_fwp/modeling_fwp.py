@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .cache_fwp import FWPCache
 from .configuration_fwp import FWPConfig
 from .feature_maps import build_feature_map, normalize_qk
+from .losses import causal_lm_loss
 from .ops import delta_rule, sum_rule
 
 try:
@@ -357,16 +358,20 @@ class FWPModel(FWPPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 use_cache=None, output_hidden_states=None, return_dict=None, cu_seqlens=None, cu_seq_lens_q=None,
-                **kwargs):
+                keep_last_hidden: int = 0, **kwargs):
+        r"""
+        keep_last_hidden (`int`, *optional*, defaults to 0):
+            When > 0, `last_hidden_state` holds only the last `keep_last_hidden` positions (the causal LM passes
+            `logits_to_keep`). With the segmented inference forward this keeps a long prompt's memory independent of
+            its length: only one segment's activations exist at a time.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be a 2-D [batch, seq_len] 0/1 mask; got shape {tuple(attention_mask.shape)}.")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        batch_size, seq_len = inputs_embeds.shape[:2]
+        batch_size, seq_len = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         if attention_mask is not None and attention_mask.shape[1] > seq_len:
             attention_mask = attention_mask[:, -seq_len:]  # generate() passes the mask of the whole history
         if past_key_values is not None and not isinstance(past_key_values, FWPCache):
@@ -378,8 +383,10 @@ class FWPModel(FWPPreTrainedModel):
             position_ids is not None and batch_size == 1 and attention_mask is None
             and cu_seqlens_from_position_ids(position_ids) is not None)
         if segment and seq_len > segment and not torch.is_grad_enabled() and not packed:
-            return self._forward_in_segments(inputs_embeds, attention_mask, past_key_values, use_cache,
-                                             output_hidden_states, segment)
+            return self._forward_in_segments(input_ids, inputs_embeds, attention_mask, past_key_values, use_cache,
+                                             output_hidden_states, segment, keep_last_hidden)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
         if self.training and torch.is_grad_enabled() and self.config.feature_map == "favor" and self.config.favor_redraw:
             self._redraw_random_features()
 
@@ -413,32 +420,40 @@ class FWPModel(FWPPreTrainedModel):
             hidden = self.norm(hidden)
             if output_hidden_states:
                 all_hidden[-1] = layout.unpack(hidden)
+        hidden = layout.unpack(hidden)
         return BaseModelOutputWithPast(
-            last_hidden_state=layout.unpack(hidden),
+            last_hidden_state=hidden[:, -keep_last_hidden:] if keep_last_hidden > 0 else hidden,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
         )
 
 
-    def _forward_in_segments(self, inputs_embeds, attention_mask, cache, use_cache, output_hidden_states, segment):
+    def _forward_in_segments(self, input_ids, inputs_embeds, attention_mask, cache, use_cache, output_hidden_states,
+                             segment, keep_last_hidden):
         """A long inference forward as consecutive segments that carry the state: the same result as one forward,
-        with activation memory bounded by the segment instead of the prompt."""
+        with activation memory bounded by the segment instead of the prompt. Tokens are embedded segment by
+        segment, and with `keep_last_hidden` only the last positions are kept, so nothing grows with the prompt."""
         cache = cache if cache is not None else FWPCache(config=self.config)
-        outputs = []
-        for start in range(0, inputs_embeds.shape[1], segment):
+        inputs = input_ids if inputs_embeds is None else inputs_embeds
+        kept, hidden_states = [], []
+        for start in range(0, inputs.shape[1], segment):
             part = slice(start, start + segment)
-            outputs.append(self.forward(
-                inputs_embeds=inputs_embeds[:, part], past_key_values=cache, use_cache=True,
+            out = self.forward(
+                input_ids=None if input_ids is None else input_ids[:, part],
+                inputs_embeds=None if inputs_embeds is None else inputs_embeds[:, part],
                 attention_mask=None if attention_mask is None else attention_mask[:, part],
-                output_hidden_states=output_hidden_states,
-            ))
-        hidden_states = None
+                past_key_values=cache, use_cache=True, output_hidden_states=output_hidden_states,
+            )
+            kept.append(out.last_hidden_state)
+            if keep_last_hidden > 0:  # only the tail that can still be among the last positions
+                kept = [torch.cat(kept, dim=1)[:, -keep_last_hidden:]]
+            hidden_states.append(out.hidden_states)
         if output_hidden_states:
-            hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*(o.hidden_states for o in outputs)))
+            hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*hidden_states))
         return BaseModelOutputWithPast(
-            last_hidden_state=torch.cat([o.last_hidden_state for o in outputs], dim=1),
+            last_hidden_state=torch.cat(kept, dim=1),
             past_key_values=cache if use_cache else None,
-            hidden_states=hidden_states,
+            hidden_states=hidden_states if output_hidden_states else None,
         )
 
 
@@ -485,7 +500,8 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token targets (shifted inside the model); -100 is ignored. `num_items_in_batch` (a kwarg the Trainer
-            passes) makes the loss a sum divided by it, so gradient accumulation is exact.
+            passes) makes the loss a sum divided by it, so gradient accumulation is exact. The loss is computed in
+            fp32 chunk by chunk (`losses.causal_lm_loss`), so no full fp32 copy of the logits is made.
         cu_seqlens / cu_seq_lens_q (`torch.IntTensor`, *optional*):
             Boundaries of packed documents in a batch of one row; no state crosses a boundary. Packed position_ids
             that restart at 0 (transformers' `DataCollatorWithFlattening`) are understood too.
@@ -497,14 +513,14 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_hidden_states=output_hidden_states, cu_seqlens=cu_seqlens, cu_seq_lens_q=cu_seq_lens_q,
+            keep_last_hidden=logits_to_keep if isinstance(logits_to_keep, int) and labels is None else 0,
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
         loss = None
         if labels is not None:
-            loss_kwargs = {"num_items_in_batch": kwargs["num_items_in_batch"]} if "num_items_in_batch" in kwargs else {}
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+            loss = causal_lm_loss(logits, labels, num_items_in_batch=kwargs.get("num_items_in_batch"))
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
         )

@@ -21,6 +21,7 @@ TRITON_INTERPRET=1 on CPU (that is how CI tests it).  This module raises ImportE
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -680,7 +681,10 @@ def _launch(kernel, grid, args, kwargs, configs, key, plain):
                                            for c in configs))
     tuned = _TUNED.get(ident)
     if tuned is None:
-        tuned = _TUNED[ident] = triton.autotune(configs=configs, key=list(key))(kernel)
+        # cache_results (triton >= 3.2) stores the pick in triton's on-disk cache, so only the first process on a
+        # machine pays the tuning time (DDP ranks, later runs, tests), not every process.
+        extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+        tuned = _TUNED[ident] = triton.autotune(configs=configs, key=list(key), **extra)(kernel)
     tuned[grid](*args, **kwargs)
 
 

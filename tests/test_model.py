@@ -306,6 +306,22 @@ def test_segmented_inference_forward_equals_one_forward(name):
     assert len(segmented.hidden_states) == 3 and segmented.hidden_states[0].shape == (2, 23, 24)
 
 
+def test_segmented_prefill_embeds_and_keeps_one_segment_at_a_time():
+    """generate()'s prefill asks for the last position only: no tensor of the prompt's length is made."""
+    model = tiny_model(**VARIANTS["modern"], inference_segment_size=4)
+    x = ids(2, 23)
+    whole = model(x)  # with gradients: one pass
+    embedded = []
+    model.model.embed_tokens.register_forward_hook(lambda module, args, out: embedded.append(tuple(out.shape)))
+    with torch.no_grad():
+        out = model(x, logits_to_keep=1, use_cache=True)
+        base = model.model(x, keep_last_hidden=3)
+    assert out.logits.shape == (2, 1, model.config.vocab_size) and base.last_hidden_state.shape == (2, 3, 24)
+    assert all(shape[1] <= 4 for shape in embedded)
+    torch.testing.assert_close(out.logits, whole.logits[:, -1:], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model.lm_head(base.last_hidden_state), whole.logits[:, -3:], rtol=1e-10, atol=1e-12)
+
+
 def test_cache_holds_no_view_of_a_larger_buffer():
     model = tiny_model(**VARIANTS["modern"])
     cache = model(ids(2, 50), use_cache=True).past_key_values

@@ -1,0 +1,311 @@
+"""Triton kernels for the short causal depthwise convolution (+ SiLU) that precedes the fast weight layer.
+
+Public entry point:
+
+    y, new_tail = short_conv_triton(x, weight, cu_seqlens=None, tail=None, activation="silu")
+
+Reference: ``ShortConvolution.forward`` in ``modeling_fwp.py`` (its PyTorch path: F.conv1d over a copy of
+the input with every sequence's tail concatenated in front).  Same semantics, without those copies and
+without cuDNN's slow depthwise backward:
+
+    y[s, c] = act(sum_j w[c, j] * src(s - (K-1) + j, c)),   j = 0 .. K-1
+
+where a source position before the start of s's sequence reads that sequence's tail (the K-1 inputs that
+preceded it, from the cache; zeros without one) and never another sequence's tokens.  new_tail holds each
+sequence's last K-1 inputs (taken partly from the old tail when the sequence is shorter than K-1).
+
+Layouts: x [B,T,C] with one sequence per row and tail [B,K-1,C]; or packed, B == 1 and cu_seqlens [N+1]
+(empty sequences allowed) with tail [N,K-1,C].  Each kernel program owns a tile of (tokens, channels) of
+the flattened [B*T, C] input; a tile may straddle sequences, so every row looks up its own sequence.
+
+Backward (hand-written, recomputes the pre-activation instead of saving it):
+    dpre[r] = dy[r] * act'(pre[r]),   dx[s] = sum_j w[j] * dpre[s + (K-1) - j]  (same sequence only),
+    dw[j]   = sum_r dpre[r] * src(r - (K-1) + j).
+A backward tile loads the 2K-1 shifted source tiles once and rebuilds pre at rows s .. s+K-1 from them;
+dw goes through a per-tile fp32 partial buffer summed with torch (deterministic, no atomics).
+
+Everything also runs under TRITON_INTERPRET=1 on CPU (that is how CI tests it).  Unlike ops_triton, this
+module imports without triton (HAS_TRITON is then False and short_conv_triton raises ImportError).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # guarded, so the model file and transformers' import check of a Hub folder work without triton
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+    _TRITON_IMPORT_ERROR = None
+except ImportError as error:  # the model falls back to ShortConvolution's PyTorch path
+    triton = tl = None
+    HAS_TRITON = False
+    _TRITON_IMPORT_ERROR = repr(error)
+
+__all__ = ["HAS_TRITON", "short_conv_triton"]
+
+# Block-size overrides, for tests (to reach the multi-tile code paths at tiny shapes) and benchmarks.
+# Keys: "BT", "BC", "warps" (forward), "BT_bwd", "BC_bwd", "warps_bwd".
+TUNE: dict = {}
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_ACTIVATIONS = ("silu", None)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _row_seq(seq_ids, cu_seqlens, rows, mrow, T, IS_VARLEN: tl.constexpr):
+        """(sequence index, first row, one past the last row) of each flattened token row."""
+        if IS_VARLEN:
+            seq = tl.load(seq_ids + rows, mask=mrow, other=0)
+            bos = tl.load(cu_seqlens + seq, mask=mrow, other=0)
+            eos = tl.load(cu_seqlens + seq + 1, mask=mrow, other=0)
+        else:
+            seq = rows // T
+            bos = seq * T
+            eos = bos + T
+        return seq, bos, eos
+
+    @triton.jit
+    def _src(x, tail, rows, mrow, seq, bos, eos, cols, mcol, C, m,
+             K: tl.constexpr, HAS_TAIL: tl.constexpr, ACC: tl.constexpr):
+        """Source tile for shift m: row s reads position s - (K-1) + m of its own sequence, or the
+        sequence's tail (index s - bos + m) before its start, or 0 without a tail."""
+        rel = rows - bos + (m - (K - 1))  # source position relative to the sequence start
+        src = rows + (m - (K - 1))
+        in_x = mrow & (rel >= 0) & (src < eos)  # src >= eos only feeds rows that are masked later
+        offs = src.to(tl.int64)[:, None] * C + cols[None, :]
+        v = tl.load(x + offs, mask=in_x[:, None] & mcol[None, :], other=0.0).to(ACC)
+        if HAS_TAIL:
+            in_tail = mrow & (rel < 0)
+            toffs = (seq.to(tl.int64) * (K - 1) + (rel + (K - 1)))[:, None] * C + cols[None, :]
+            v += tl.load(tail + toffs, mask=in_tail[:, None] & mcol[None, :], other=0.0).to(ACC)
+        return v
+
+    @triton.jit
+    def _conv_fwd_kernel(x, w, tail, y, seq_ids, cu_seqlens, R, T, C,
+                         K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr,
+                         SILU: tl.constexpr, HAS_TAIL: tl.constexpr, IS_VARLEN: tl.constexpr):
+        """One pass over x: a (BT tokens, BC channels) tile of y from K shifted loads (cache hits)."""
+        rows = tl.program_id(0) * BT + tl.arange(0, BT)
+        cols = tl.program_id(1) * BC + tl.arange(0, BC)
+        mrow, mcol = rows < R, cols < C
+        seq, bos, eos = _row_seq(seq_ids, cu_seqlens, rows, mrow, T, IS_VARLEN)
+        acc = tl.zeros([BT, BC], dtype=ACC)
+        for j in tl.static_range(K):
+            wj = tl.load(w + cols * K + j, mask=mcol, other=0.0).to(ACC)
+            acc += wj[None, :] * _src(x, tail, rows, mrow, seq, bos, eos, cols, mcol, C, j, K, HAS_TAIL, ACC)
+        if SILU:
+            acc = acc * tl.sigmoid(acc)
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        tl.store(y + offs, acc.to(y.dtype.element_ty), mask=mrow[:, None] & mcol[None, :])
+
+    @triton.jit
+    def _conv_bwd_kernel(x, w, tail, dy, dx, dw_part, seq_ids, cu_seqlens, R, T, C,
+                         K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr,
+                         SILU: tl.constexpr, HAS_TAIL: tl.constexpr, IS_VARLEN: tl.constexpr):
+        """dx and this tile's dw partial sums.  Rows s + d (d < K) of s's own sequence need dpre, so pre is
+        rebuilt there from the source tiles of shifts m = d + j in [0, 2K-2], each loaded once: for
+        rows of s's sequence the source of (s + d, j) is the source of (s, d + j)."""
+        pid_t = tl.program_id(0)
+        rows = pid_t * BT + tl.arange(0, BT)
+        cols = tl.program_id(1) * BC + tl.arange(0, BC)
+        mrow, mcol = rows < R, cols < C
+        mask = mrow[:, None] & mcol[None, :]
+        seq, bos, eos = _row_seq(seq_ids, cu_seqlens, rows, mrow, T, IS_VARLEN)
+        # sliding window over the shifts: pres[d] accumulates pre at rows s + d
+        srcs = ()
+        pres = ()
+        for d in tl.static_range(K):
+            pres = pres + (tl.zeros([BT, BC], dtype=ACC),)
+        for m in tl.static_range(2 * K - 1):
+            v = _src(x, tail, rows, mrow, seq, bos, eos, cols, mcol, C, m, K, HAS_TAIL, ACC)
+            if m < K:
+                srcs = srcs + (v,)  # kept for dw (the sources of rows s themselves)
+            new_pres = ()
+            for d in tl.static_range(K):
+                if m - d >= 0 and m - d < K:
+                    wj = tl.load(w + cols * K + (m - d), mask=mcol, other=0.0).to(ACC)
+                    new_pres = new_pres + (pres[d] + wj[None, :] * v,)
+                else:
+                    new_pres = new_pres + (pres[d],)
+            pres = new_pres
+        dxa = tl.zeros([BT, BC], dtype=ACC)
+        for d in tl.static_range(K):
+            r = rows + d
+            ok = mrow & (r < eos)
+            g = tl.load(dy + r.to(tl.int64)[:, None] * C + cols[None, :], mask=ok[:, None] & mcol[None, :],
+                        other=0.0).to(ACC)
+            if SILU:
+                p = pres[d]
+                sg = tl.sigmoid(p)
+                g = g * sg * (1.0 + p * (1.0 - sg))
+            wd = tl.load(w + cols * K + (K - 1 - d), mask=mcol, other=0.0).to(ACC)
+            dxa += wd[None, :] * g
+            if d == 0:  # dpre at the tile's own rows: its dw contribution
+                for j in tl.static_range(K):
+                    part = tl.sum(g * srcs[j], axis=0)
+                    tl.store(dw_part + (pid_t.to(tl.int64) * K + j) * C + cols, part.to(dw_part.dtype.element_ty),
+                             mask=mcol)
+        tl.store(dx + rows.to(tl.int64)[:, None] * C + cols[None, :], dxa.to(dx.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _new_tail_kernel(x, tail, new_tail, cu_seqlens, T, C,
+                         K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr,
+                         HAS_TAIL: tl.constexpr, IS_VARLEN: tl.constexpr):
+        """new_tail[n, i] = input at position len - (K-1) + i of sequence n (its old tail before its start)."""
+        n = tl.program_id(0)
+        cols = tl.program_id(1) * BC + tl.arange(0, BC)
+        mcol = cols < C
+        if IS_VARLEN:
+            bos = tl.load(cu_seqlens + n).to(tl.int64)
+            length = tl.load(cu_seqlens + n + 1).to(tl.int64) - bos
+        else:
+            bos = n.to(tl.int64) * T
+            length = T + 0 * bos
+        i = tl.arange(0, KP)
+        mi = i < K - 1
+        rel = length - (K - 1) + i
+        in_x = mi & (rel >= 0)
+        v = tl.load(x + (bos + rel)[:, None] * C + cols[None, :], mask=in_x[:, None] & mcol[None, :], other=0.0)
+        v = v.to(new_tail.dtype.element_ty)
+        toffs = (n.to(tl.int64) * (K - 1) + i)
+        if HAS_TAIL:
+            in_tail = mi & (rel < 0)
+            old = tl.load(tail + (toffs + length)[:, None] * C + cols[None, :],
+                          mask=in_tail[:, None] & mcol[None, :], other=0.0)
+            v += old.to(new_tail.dtype.element_ty)
+        tl.store(new_tail + toffs[:, None] * C + cols[None, :], v, mask=mi[:, None] & mcol[None, :])
+
+
+def _acc_dtype(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _layout(x, cu_seqlens):
+    """(seq_ids int32 [T] or None, cu int32 [N+1] or None, N).  No host sync: searchsorted puts token r in
+    the first sequence whose end exceeds r, which skips empty sequences."""
+    if cu_seqlens is None:
+        return None, None, x.shape[0]
+    cu = cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()
+    n = cu.numel() - 1
+    rows = torch.arange(x.shape[1], device=x.device, dtype=torch.int32)
+    seq_ids = torch.searchsorted(cu[1:], rows, right=True, out_int32=True).clamp_max_(max(n - 1, 0))
+    return seq_ids, cu, n
+
+
+def _check(x, weight, cu_seqlens, tail, activation):
+    if not HAS_TRITON:
+        raise ImportError(f"modeling_fwp.conv_triton needs triton: {_TRITON_IMPORT_ERROR}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B,T,C], got {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x.dtype must be one of {_DTYPES}, got {x.dtype}")
+    if x.dtype == torch.float64 and not _INTERPRET:
+        raise ValueError("float64 runs only under TRITON_INTERPRET=1 (tests)")
+    if not x.is_cuda and not _INTERPRET:
+        raise ValueError("short_conv_triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    B, T, C = x.shape
+    if weight.dim() != 2 or weight.shape[0] != C or weight.shape[1] < 2:
+        raise ValueError(f"weight must be [C, K] with C={C} and K >= 2, got {tuple(weight.shape)}")
+    if weight.dtype not in (torch.float32, x.dtype):
+        raise ValueError(f"weight.dtype must be float32 or x.dtype ({x.dtype}), got {weight.dtype}")
+    K = weight.shape[1]
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"with cu_seqlens the batch size B must be 1, got {B}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError("cu_seqlens must be a 1-D tensor [N+1] with N >= 1")
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if tail is not None:
+        if tuple(tail.shape) != (N, K - 1, C):
+            raise ValueError(f"tail must be [N, K-1, C] = {(N, K - 1, C)}, got {tuple(tail.shape)}")
+        if tail.requires_grad and torch.is_grad_enabled():
+            raise ValueError("short_conv_triton gives no gradient for tail: pass tail.detach() (cached tails "
+                             "carry no gradient)")
+
+
+def _blocks(C, bwd):
+    suffix = "_bwd" if bwd else ""
+    bt = TUNE.get("BT" + suffix, 32 if bwd else 64)
+    bc = TUNE.get("BC" + suffix, min(128, max(16, triton.next_power_of_2(C))))
+    warps = TUNE.get("warps" + suffix, 8 if bwd else 4)
+    return bt, bc, warps
+
+
+def _new_tail(x, tail, cu, N, K):
+    B, T, C = x.shape
+    new_tail = x.new_empty(N, K - 1, C)
+    if N == 0 or C == 0:
+        return new_tail
+    bc = min(128, max(16, triton.next_power_of_2(C)))
+    grid = (N, triton.cdiv(C, bc))
+    _new_tail_kernel[grid](x, tail if tail is not None else x, new_tail, cu, T, C, K=K,
+                           KP=triton.next_power_of_2(K - 1), BC=bc, HAS_TAIL=tail is not None,
+                           IS_VARLEN=cu is not None, num_warps=4)
+    return new_tail
+
+
+class _ShortConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, seq_ids, cu, tail, silu):
+        B, T, C = x.shape
+        K = weight.shape[1]
+        R = B * T
+        y = torch.empty_like(x)
+        if R > 0 and C > 0:
+            bt, bc, warps = _blocks(C, bwd=False)
+            grid = (triton.cdiv(R, bt), triton.cdiv(C, bc))
+            _conv_fwd_kernel[grid](x, weight, tail if tail is not None else x, y, seq_ids, cu, R, T, C,
+                                   K=K, BT=bt, BC=bc, ACC=_acc_dtype(x.dtype), SILU=silu,
+                                   HAS_TAIL=tail is not None, IS_VARLEN=cu is not None, num_warps=warps)
+        ctx.save_for_backward(x, weight, seq_ids, cu, tail)
+        ctx.silu = silu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, seq_ids, cu, tail = ctx.saved_tensors
+        B, T, C = x.shape
+        K = weight.shape[1]
+        R = B * T
+        dy = dy.contiguous()
+        dx = torch.empty_like(x)
+        if R == 0 or C == 0:
+            return dx.zero_(), torch.zeros_like(weight), None, None, None, None
+        bt, bc, warps = _blocks(C, bwd=True)
+        n_tiles = triton.cdiv(R, bt)
+        acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dw_part = x.new_empty(n_tiles, K, C, dtype=acc_t)
+        _conv_bwd_kernel[(n_tiles, triton.cdiv(C, bc))](
+            x, weight, tail if tail is not None else x, dy, dx, dw_part, seq_ids, cu, R, T, C,
+            K=K, BT=bt, BC=bc, ACC=_acc_dtype(x.dtype), SILU=ctx.silu, HAS_TAIL=tail is not None,
+            IS_VARLEN=cu is not None, num_warps=warps)
+        dw = dw_part.sum(0).t().to(weight.dtype).contiguous()
+        return (dx if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), \
+            None, None, None, None
+
+
+def short_conv_triton(x, weight, cu_seqlens=None, tail=None, activation="silu"):
+    """Causal depthwise convolution over time (+ SiLU) in Triton; drop-in for ShortConvolution.forward.
+
+    x [B,T,C] (fp32/bf16/fp16; fp64 under the interpreter only); weight [C,K] fp32 or x.dtype; cu_seqlens
+    int [N+1] with B == 1 for packed sequences; tail [N,K-1,C] (any float dtype, no gradient) or None.
+    Arithmetic in fp32 (fp64 for fp64 inputs), the weight is not rounded to x.dtype.  Returns (y [B,T,C] in
+    x.dtype, new_tail [N,K-1,C] in x.dtype, detached).  Gradients flow to x and weight (weight's dtype)."""
+    _check(x, weight, cu_seqlens, tail, activation)
+    K = weight.shape[1]
+    x = x.contiguous()
+    weight = weight.contiguous()
+    tail = tail.contiguous() if tail is not None else None
+    seq_ids, cu, N = _layout(x, cu_seqlens)
+    y = _ShortConv.apply(x, weight, seq_ids, cu, tail, activation == "silu")
+    with torch.no_grad():
+        new_tail = _new_tail(x, tail, cu, N, K)
+    return y, new_tail

@@ -1,0 +1,64 @@
+"""Next-token cross-entropy over the model's logits, in row chunks.
+
+The reference is transformers' `ForCausalLMLoss` (labels shifted left, -100 ignored, a sum divided by
+`num_items_in_batch` when the Trainer passes it, else a mean). That function upcasts the whole [tokens, vocab] logits
+to fp32 and autograd keeps the fp32 log-softmax for backward: at 16k tokens x 32k vocabulary that is ~4 GB of fp32
+copies on top of the bf16 logits. Here each chunk of rows is upcast on its own, only the per-row log-sum-exp is
+saved, and the backward rebuilds softmax(logits) - onehot chunk by chunk. The math is the same, in fp32 (fp64 for
+fp64 logits); the logits are not modified, so they stay valid for the caller.
+"""
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Sum over rows of -log softmax(logits)[target] (rows whose target is IGNORE_INDEX count zero)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, chunk_rows):
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
+        total = torch.zeros((), dtype=acc, device=logits.device)
+        valid = targets != IGNORE_INDEX
+        safe_targets = torch.where(valid, targets, 0)
+        for start in range(0, logits.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            chunk = logits[rows].to(acc)
+            lse[rows] = torch.logsumexp(chunk, dim=-1)
+            picked = chunk.gather(1, safe_targets[rows, None])[:, 0]
+            total += ((lse[rows] - picked) * valid[rows]).sum()
+        ctx.save_for_backward(logits, safe_targets, valid, lse)
+        ctx.chunk_rows = chunk_rows
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        logits, safe_targets, valid, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            probs = torch.exp(logits[rows].to(lse.dtype) - lse[rows, None])
+            probs.scatter_add_(1, safe_targets[rows, None], -torch.ones_like(lse[rows, None]))
+            grad[rows] = (probs * (valid[rows, None] * grad_total)).to(grad.dtype)
+        return grad, None, None
+
+
+def causal_lm_loss(logits, labels, num_items_in_batch=None, chunk_rows: int = 4096):
+    """Loss of `logits` [B, T, V] predicting `labels` [B, T] shifted by one (as transformers' ForCausalLMLoss).
+
+    With `num_items_in_batch` (a number or tensor) the summed loss is divided by it, so gradient accumulation over
+    several micro-batches is exact; otherwise it is the mean over the non-ignored targets."""
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels must have the shape [batch, seq_len] of the logits {tuple(logits.shape[:2])}; "
+                         f"got {tuple(labels.shape)}.")
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    targets = targets.reshape(-1).to(logits.device)
+    total = _ChunkedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets, chunk_rows)
+    if num_items_in_batch is None:
+        return total / (targets != IGNORE_INDEX).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
