@@ -600,6 +600,8 @@ MODES = {  # steps cap, evaluation interval, evaluation sequences, S bucket size
 
 
 def git_commit():
+    if os.environ.get("FWP_COMMIT"):  # set when the code runs from an exported copy (a GPU machine's snapshot)
+        return os.environ["FWP_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                                 text=True, check=True).stdout.strip()
