@@ -47,7 +47,8 @@ except ImportError as error:  # the model falls back to ShortConvolution's PyTor
 __all__ = ["HAS_TRITON", "short_conv_triton"]
 
 # Block-size overrides, for tests (to reach the multi-tile code paths at tiny shapes) and benchmarks.
-# Keys: "BT", "BC", "warps" (forward), "BT_bwd", "BC_bwd", "warps_bwd".
+# Keys: "BT", "BC", "warps" (forward), "BT_bwd", "BC_bwd", "warps_bwd", "tiles_bwd" (token tiles per
+# backward program, whose dw is summed in registers before its partial row is written).
 TUNE: dict = {}
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -71,19 +72,21 @@ if HAS_TRITON:
         return seq, bos, eos
 
     @triton.jit
-    def _src(x, tail, rows, mrow, seq, bos, eos, cols, mcol, C, m,
+    def _src(x, tail, rows, mrow, seq, bos, eos, cols, mcol, C, m, near_start,
              K: tl.constexpr, HAS_TAIL: tl.constexpr, ACC: tl.constexpr):
-        """Source tile for shift m: row s reads position s - (K-1) + m of its own sequence, or the
-        sequence's tail (index s - bos + m) before its start, or 0 without a tail."""
+        """Source tile for shift m: row s reads position s - (K-1) + m of its own sequence, or before the
+        sequence's start its tail (index s - bos + m), or 0 without a tail.  The tail load runs only in
+        tiles that hold a sequence's first K-1 rows (near_start), so other tiles issue one load."""
         rel = rows - bos + (m - (K - 1))  # source position relative to the sequence start
         src = rows + (m - (K - 1))
         in_x = mrow & (rel >= 0) & (src < eos)  # src >= eos only feeds rows that are masked later
-        offs = src.to(tl.int64)[:, None] * C + cols[None, :]
-        v = tl.load(x + offs, mask=in_x[:, None] & mcol[None, :], other=0.0).to(ACC)
+        v = tl.load(x + src.to(tl.int64)[:, None] * C + cols[None, :], mask=in_x[:, None] & mcol[None, :],
+                    other=0.0).to(ACC)
         if HAS_TAIL:
-            in_tail = mrow & (rel < 0)
-            toffs = (seq.to(tl.int64) * (K - 1) + (rel + (K - 1)))[:, None] * C + cols[None, :]
-            v += tl.load(tail + toffs, mask=in_tail[:, None] & mcol[None, :], other=0.0).to(ACC)
+            if near_start:
+                in_tail = mrow & (rel < 0)
+                toffs = (seq.to(tl.int64) * (K - 1) + (rel + (K - 1)))[:, None] * C + cols[None, :]
+                v += tl.load(tail + toffs, mask=in_tail[:, None] & mcol[None, :], other=0.0).to(ACC)
         return v
 
     @triton.jit
@@ -95,10 +98,12 @@ if HAS_TRITON:
         cols = tl.program_id(1) * BC + tl.arange(0, BC)
         mrow, mcol = rows < R, cols < C
         seq, bos, eos = _row_seq(seq_ids, cu_seqlens, rows, mrow, T, IS_VARLEN)
+        near_start = tl.min(tl.where(mrow, rows - bos, K)) < K - 1  # some row reads the tail
         acc = tl.zeros([BT, BC], dtype=ACC)
         for j in tl.static_range(K):
             wj = tl.load(w + cols * K + j, mask=mcol, other=0.0).to(ACC)
-            acc += wj[None, :] * _src(x, tail, rows, mrow, seq, bos, eos, cols, mcol, C, j, K, HAS_TAIL, ACC)
+            v = _src(x, tail, rows, mrow, seq, bos, eos, cols, mcol, C, j, near_start, K, HAS_TAIL, ACC)
+            acc += wj[None, :] * v
         if SILU:
             acc = acc * tl.sigmoid(acc)
         offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
@@ -106,52 +111,60 @@ if HAS_TRITON:
 
     @triton.jit
     def _conv_bwd_kernel(x, w, tail, dy, dx, dw_part, seq_ids, cu_seqlens, R, T, C,
-                         K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr,
-                         SILU: tl.constexpr, HAS_TAIL: tl.constexpr, IS_VARLEN: tl.constexpr):
-        """dx and this tile's dw partial sums.  Rows s + d (d < K) of s's own sequence need dpre, so pre is
-        rebuilt there from the source tiles of shifts m = d + j in [0, 2K-2], each loaded once: for
-        rows of s's sequence the source of (s + d, j) is the source of (s, d + j)."""
-        pid_t = tl.program_id(0)
-        rows = pid_t * BT + tl.arange(0, BT)
+                         K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                         TILES: tl.constexpr, ACC: tl.constexpr, SILU: tl.constexpr, HAS_TAIL: tl.constexpr,
+                         IS_VARLEN: tl.constexpr):
+        """dx for TILES consecutive (BT, BC) tiles and their summed dw (one fp32 partial row per program).
+
+        Rows s + d (d < K) of s's own sequence need dpre, so pre is rebuilt there from the source tiles of
+        shifts m = d + j in [0, 2K-2], each loaded once: for rows of s's sequence the source of (s + d, j)
+        is the source of (s, d + j).  pre at rows s + d is complete after shift d + K - 1, so it is used
+        and dropped at once (fewer live registers)."""
         cols = tl.program_id(1) * BC + tl.arange(0, BC)
-        mrow, mcol = rows < R, cols < C
-        mask = mrow[:, None] & mcol[None, :]
-        seq, bos, eos = _row_seq(seq_ids, cu_seqlens, rows, mrow, T, IS_VARLEN)
-        # sliding window over the shifts: pres[d] accumulates pre at rows s + d
-        srcs = ()
-        pres = ()
-        for d in tl.static_range(K):
-            pres = pres + (tl.zeros([BT, BC], dtype=ACC),)
-        for m in tl.static_range(2 * K - 1):
-            v = _src(x, tail, rows, mrow, seq, bos, eos, cols, mcol, C, m, K, HAS_TAIL, ACC)
-            if m < K:
-                srcs = srcs + (v,)  # kept for dw (the sources of rows s themselves)
-            new_pres = ()
+        mcol = cols < C
+        ws = ()
+        for j in tl.static_range(K):
+            ws = ws + (tl.load(w + cols * K + j, mask=mcol, other=0.0).to(ACC)[None, :],)
+        jdx = tl.arange(0, KP)[:, None]
+        dw = tl.zeros([KP, BC], dtype=ACC)
+        for i in range(TILES):
+            rows = (tl.program_id(0) * TILES + i) * BT + tl.arange(0, BT)
+            mrow = rows < R
+            seq, bos, eos = _row_seq(seq_ids, cu_seqlens, rows, mrow, T, IS_VARLEN)
+            near_start = tl.min(tl.where(mrow, rows - bos, K)) < K - 1  # some row reads the tail
+            srcs = ()  # sources of the rows s themselves (shifts 0 .. K-1), for dw
+            pres = ()  # pres[d]: pre at rows s + d, accumulated over the shifts
             for d in tl.static_range(K):
-                if m - d >= 0 and m - d < K:
-                    wj = tl.load(w + cols * K + (m - d), mask=mcol, other=0.0).to(ACC)
-                    new_pres = new_pres + (pres[d] + wj[None, :] * v,)
-                else:
-                    new_pres = new_pres + (pres[d],)
-            pres = new_pres
-        dxa = tl.zeros([BT, BC], dtype=ACC)
-        for d in tl.static_range(K):
-            r = rows + d
-            ok = mrow & (r < eos)
-            g = tl.load(dy + r.to(tl.int64)[:, None] * C + cols[None, :], mask=ok[:, None] & mcol[None, :],
-                        other=0.0).to(ACC)
-            if SILU:
-                p = pres[d]
-                sg = tl.sigmoid(p)
-                g = g * sg * (1.0 + p * (1.0 - sg))
-            wd = tl.load(w + cols * K + (K - 1 - d), mask=mcol, other=0.0).to(ACC)
-            dxa += wd[None, :] * g
-            if d == 0:  # dpre at the tile's own rows: its dw contribution
-                for j in tl.static_range(K):
-                    part = tl.sum(g * srcs[j], axis=0)
-                    tl.store(dw_part + (pid_t.to(tl.int64) * K + j) * C + cols, part.to(dw_part.dtype.element_ty),
-                             mask=mcol)
-        tl.store(dx + rows.to(tl.int64)[:, None] * C + cols[None, :], dxa.to(dx.dtype.element_ty), mask=mask)
+                pres = pres + (tl.zeros([BT, BC], dtype=ACC),)
+            dxa = tl.zeros([BT, BC], dtype=ACC)
+            for m in tl.static_range(2 * K - 1):
+                v = _src(x, tail, rows, mrow, seq, bos, eos, cols, mcol, C, m, near_start, K, HAS_TAIL, ACC)
+                if m < K:
+                    srcs = srcs + (v,)
+                new_pres = ()
+                for d in tl.static_range(K):
+                    if m - d >= 0 and m - d < K:
+                        new_pres = new_pres + (pres[d] + ws[m - d] * v,)
+                    else:
+                        new_pres = new_pres + (pres[d],)
+                pres = new_pres
+                if m >= K - 1:  # pre at rows s + d (d = m - K + 1) is complete: dpre there, its dx (and dw) terms
+                    r = rows + (m - (K - 1))
+                    ok = mrow & (r < eos)  # only rows of s's own sequence feed dx[s]
+                    g = tl.load(dy + r.to(tl.int64)[:, None] * C + cols[None, :],
+                                mask=ok[:, None] & mcol[None, :], other=0.0).to(ACC)
+                    if SILU:
+                        p = pres[m - (K - 1)]
+                        sg = tl.sigmoid(p)
+                        g = g * sg * (1.0 + p * (1.0 - sg))
+                    dxa += ws[2 * (K - 1) - m] * g
+                    if m == K - 1:
+                        for j in tl.static_range(K):
+                            dw += tl.where(jdx == j, tl.sum(g * srcs[j], axis=0)[None, :], 0.0)
+            tl.store(dx + rows.to(tl.int64)[:, None] * C + cols[None, :], dxa.to(dx.dtype.element_ty),
+                     mask=mrow[:, None] & mcol[None, :])
+        offs = (tl.program_id(0).to(tl.int64) * K + jdx) * C + cols[None, :]
+        tl.store(dw_part + offs, dw.to(dw_part.dtype.element_ty), mask=(jdx < K) & mcol[None, :])
 
     @triton.jit
     def _new_tail_kernel(x, tail, new_tail, cu_seqlens, T, C,
@@ -232,10 +245,13 @@ def _check(x, weight, cu_seqlens, tail, activation):
 
 
 def _blocks(C, bwd):
+    """(BT, BC, warps).  Chosen from sm_90 register counts (bf16, K=4): the forward holds 16 elements per
+    thread (16-byte loads, ~122 registers), the backward 4 (it keeps 2K-1 source tiles and K dy tiles live;
+    ~103 registers, no spills).  Worth a sweep through TUNE on a GPU."""
     suffix = "_bwd" if bwd else ""
-    bt = TUNE.get("BT" + suffix, 32 if bwd else 64)
+    bt = TUNE.get("BT" + suffix, 16 if bwd else 32)
     bc = TUNE.get("BC" + suffix, min(128, max(16, triton.next_power_of_2(C))))
-    warps = TUNE.get("warps" + suffix, 8 if bwd else 4)
+    warps = TUNE.get("warps" + suffix, 16 if bwd else 8)
     return bt, bc, warps
 
 
@@ -280,13 +296,14 @@ class _ShortConv(torch.autograd.Function):
         if R == 0 or C == 0:
             return dx.zero_(), torch.zeros_like(weight), None, None, None, None
         bt, bc, warps = _blocks(C, bwd=True)
-        n_tiles = triton.cdiv(R, bt)
+        tiles = TUNE.get("tiles_bwd", 8)  # tiles per program: a smaller dw partial buffer
+        n_prog = triton.cdiv(triton.cdiv(R, bt), tiles)
         acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
-        dw_part = x.new_empty(n_tiles, K, C, dtype=acc_t)
-        _conv_bwd_kernel[(n_tiles, triton.cdiv(C, bc))](
+        dw_part = x.new_empty(n_prog, K, C, dtype=acc_t)
+        _conv_bwd_kernel[(n_prog, triton.cdiv(C, bc))](
             x, weight, tail if tail is not None else x, dy, dx, dw_part, seq_ids, cu, R, T, C,
-            K=K, BT=bt, BC=bc, ACC=_acc_dtype(x.dtype), SILU=ctx.silu, HAS_TAIL=tail is not None,
-            IS_VARLEN=cu is not None, num_warps=warps)
+            K=K, KP=triton.next_power_of_2(K), BT=bt, BC=bc, TILES=tiles, ACC=_acc_dtype(x.dtype),
+            SILU=ctx.silu, HAS_TAIL=tail is not None, IS_VARLEN=cu is not None, num_warps=warps)
         dw = dw_part.sum(0).t().to(weight.dtype).contiguous()
         return (dx if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), \
             None, None, None, None
@@ -303,7 +320,7 @@ def short_conv_triton(x, weight, cu_seqlens=None, tail=None, activation="silu"):
     K = weight.shape[1]
     x = x.contiguous()
     weight = weight.contiguous()
-    tail = tail.contiguous() if tail is not None else None
+    tail = tail.to(x.dtype).contiguous() if tail is not None else None  # as the reference: tail.to(x.dtype)
     seq_ids, cu, N = _layout(x, cu_seqlens)
     y = _ShortConv.apply(x, weight, seq_ids, cu, tail, activation == "silu")
     with torch.no_grad():

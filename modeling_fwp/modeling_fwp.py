@@ -26,6 +26,29 @@ try:
 except ImportError:  # pragma: no cover
     GradientCheckpointingLayer = nn.Module
 
+try:  # fused Triton layer kernels; without triton every layer op runs in plain PyTorch (the reference)
+    from .conv_triton import HAS_TRITON as HAS_FUSED_CONV
+    from .conv_triton import short_conv_triton
+    from .norm_triton import HAS_TRITON as HAS_FUSED_NORMS
+    from .norm_triton import l2_norm_triton, rms_norm_triton, swiglu_triton
+except ImportError:  # pragma: no cover
+    HAS_FUSED_CONV = HAS_FUSED_NORMS = False
+
+
+def use_fused_kernels(x: torch.Tensor, config: FWPConfig) -> bool:
+    """The Triton layer kernels (RMSNorm, l2 norm, SwiGLU, short convolution; `norm_triton.py`, `conv_triton.py`)
+    run where the Triton update rule runs: CUDA tensors with kernel_backend "auto" or "triton". The "chunk" and
+    "recurrent" backends keep every op in plain PyTorch, the reference the kernels are tested against."""
+    return x.is_cuda and x.dtype != torch.float64 and config.kernel_backend in ("auto", "triton")
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the next matmul computes in: autocast's when it is on, so a norm can hand over its output already
+    cast (the matmul would cast it anyway, at the price of another pass and a saved copy)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Sequence layout: padded batch rows or packed documents, unpadded into one stream with boundaries
@@ -111,16 +134,23 @@ def build_layout(batch_size, seq_len, device, attention_mask=None, cu_seqlens=No
 # Small modules
 # ----------------------------------------------------------------------------------------------------------------------
 class FWPRMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    """RMSNorm over the last dim in (at least) fp32. With a config whose backend allows it, CUDA inputs go through
+    the fused Triton kernel (`norm_triton.rms_norm_triton`), which saves only x and the per-row scale for backward."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, config: FWPConfig | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.config = config
 
-    def forward(self, x):
+    def forward(self, x, out_dtype: torch.dtype | None = None):
+        out_dtype = out_dtype or x.dtype
+        if HAS_FUSED_NORMS and self.config is not None and use_fused_kernels(x, self.config):
+            return rms_norm_triton(x, self.weight, self.eps, out_dtype=out_dtype)
         dtype = torch.promote_types(x.dtype, torch.float32)
         x32 = x.to(dtype)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.to(dtype) * x32).to(x.dtype)
+        return (self.weight.to(dtype) * x32).to(out_dtype)
 
 
 def rotary_embed(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -173,6 +203,23 @@ class ShortConvolution(nn.Module):
         new_tail = extended[0, (end[:, None] - width + torch.arange(width, device=x.device)[None]).flatten()]
         return F.silu(out), new_tail.view(num_seqs, width, x.shape[2])
 
+    def forward_parts(self, parts, cu_seqlens=None, tail=None, fused=False):
+        """Convolves `parts` (q, k, v: consecutive channel groups of this convolution) and returns them separately
+        with the joint new tail. The fused path runs the Triton kernel per part, so q, k and v are never
+        concatenated; the reference path concatenates and calls `forward`."""
+        sizes = [part.shape[-1] for part in parts]
+        if not (fused and HAS_FUSED_CONV) or (tail is not None and tail.requires_grad):
+            y, new_tail = self.forward(torch.cat(parts, dim=-1), cu_seqlens, tail)
+            return y.split(sizes, dim=-1), new_tail
+        outputs, tails, start = [], [], 0
+        for part, size in zip(parts, sizes):
+            part_tail = None if tail is None else tail[..., start:start + size].contiguous()
+            y, new_tail = short_conv_triton(part.contiguous(), self.weight[start:start + size], cu_seqlens, part_tail)
+            outputs.append(y)
+            tails.append(new_tail)
+            start += size
+        return outputs, torch.cat(tails, dim=-1)
+
     def _conv(self, extended):
         weight = self.weight.to(extended.dtype).unsqueeze(1)  # [C, 1, k]
         return F.conv1d(extended.transpose(1, 2), weight, groups=weight.shape[0]).transpose(1, 2)
@@ -200,23 +247,22 @@ class FWPAttention(nn.Module):
             self.conv = ShortConvolution(3 * inner, config.conv_size)
         self.feature_map = build_feature_map(config.feature_map, self.head_dim, config.dpfp_nu, config.favor_features)
         if config.use_output_norm:
-            self.o_norm = FWPRMSNorm(self.head_dim, eps=config.layer_norm_eps)
+            self.o_norm = FWPRMSNorm(self.head_dim, eps=config.layer_norm_eps, config=config)
         self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
 
     def forward(self, x, layout: SequenceLayout, fast_weights=None, z=None, conv_tail=None, want_state=False):
         b, t, _ = x.shape
         cfg = self.config
         acc = torch.promote_types(x.dtype, torch.float32)  # beta and the normalisers never go below fp32
+        fused = use_fused_kernels(x, cfg)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         new_tail = None
         if cfg.use_short_conv:
-            qkv, new_tail = self.conv(torch.cat([q, k, v], dim=-1), layout.cu_seqlens, conv_tail)
-            q, k, v = qkv.chunk(3, dim=-1)
+            (q, k, v), new_tail = self.conv.forward_parts([q, k, v], layout.cu_seqlens, conv_tail, fused)
         q, k, v = (y.view(b, t, self.num_heads, self.head_dim) for y in (q, k, v))
         if cfg.position_embedding == "rotary":
             q, k = rotary_embed(q, layout.positions, cfg.rope_theta), rotary_embed(k, layout.positions, cfg.rope_theta)
-        q = normalize_qk(self.feature_map(q), cfg.qk_norm, cfg.qk_norm_eps)
-        k = normalize_qk(self.feature_map(k), cfg.qk_norm, cfg.qk_norm_eps)
+        q, k = self._normalize(self.feature_map(q), fused), self._normalize(self.feature_map(k), fused)
         scale = self.head_dim ** -0.5  # the paper scales the read-out by 1/sqrt(d_head), whatever phi's size
         common = dict(cu_seqlens=layout.cu_seqlens, backend=cfg.kernel_backend, chunk_size=cfg.chunk_size)
 
@@ -242,6 +288,11 @@ class FWPAttention(nn.Module):
             o = self.o_norm(o)
         return self.o_proj(o.reshape(b, t, -1)), fast_weights, new_z, new_tail
 
+    def _normalize(self, x, fused):
+        if fused and HAS_FUSED_NORMS and self.config.qk_norm == "l2":
+            return l2_norm_triton(x, self.config.qk_norm_eps)
+        return normalize_qk(x, self.config.qk_norm, self.config.qk_norm_eps)
+
     @staticmethod
     def _z_denominators(q, k, z, want_state, common, acc):
         """z_t . q_t and z_{t-1} . k_t for the attention normalisation. z_t = z_0 + sum_{j<=t} k_j is a sum-rule fast
@@ -265,6 +316,7 @@ class FWPFeedForward(nn.Module):
 
     def __init__(self, config: FWPConfig):
         super().__init__()
+        self.config = config
         self.gated = config.block_style == "pre_norm"
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=not self.gated)
         if self.gated:
@@ -273,7 +325,12 @@ class FWPFeedForward(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        hidden = F.silu(self.gate_proj(x)) * self.up_proj(x) if self.gated else F.relu(self.up_proj(x))
+        if not self.gated:
+            hidden = F.relu(self.up_proj(x))
+        elif HAS_FUSED_NORMS and use_fused_kernels(x, self.config):
+            hidden = swiglu_triton(self.gate_proj(x), self.up_proj(x))
+        else:
+            hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
         return self.down_proj(self.dropout(hidden))
 
 
@@ -288,16 +345,20 @@ class FWPBlock(GradientCheckpointingLayer):
         self.pre_norm = config.block_style == "pre_norm"
         self.attn = FWPAttention(config, layer_idx)
         self.mlp = FWPFeedForward(config)
-        norm = FWPRMSNorm if self.pre_norm else nn.LayerNorm
-        self.attn_norm = norm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp_norm = norm(config.hidden_size, eps=config.layer_norm_eps)
+        if self.pre_norm:
+            self.attn_norm = FWPRMSNorm(config.hidden_size, eps=config.layer_norm_eps, config=config)
+            self.mlp_norm = FWPRMSNorm(config.hidden_size, eps=config.layer_norm_eps, config=config)
+        else:
+            self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, hidden, layout=None, fast_weights=None, z=None, conv_tail=None, want_state=False):
-        if self.pre_norm:
-            out, fast_weights, z, conv_tail = self.attn(self.attn_norm(hidden), layout, fast_weights, z, conv_tail, want_state)
+        if self.pre_norm:  # the normed copies only feed matmuls: hand them over in the matmul's dtype
+            normed = self.attn_norm(hidden, out_dtype=matmul_dtype(hidden))
+            out, fast_weights, z, conv_tail = self.attn(normed, layout, fast_weights, z, conv_tail, want_state)
             hidden = hidden + self.dropout(out)
-            hidden = hidden + self.dropout(self.mlp(self.mlp_norm(hidden)))
+            hidden = hidden + self.dropout(self.mlp(self.mlp_norm(hidden, out_dtype=matmul_dtype(hidden))))
         else:
             out, fast_weights, z, conv_tail = self.attn(hidden, layout, fast_weights, z, conv_tail, want_state)
             hidden = self.attn_norm(hidden + self.dropout(out))
@@ -337,7 +398,8 @@ class FWPModel(FWPPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([FWPBlock(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = FWPRMSNorm(config.hidden_size, config.layer_norm_eps) if config.block_style == "pre_norm" else None
+        self.norm = (FWPRMSNorm(config.hidden_size, config.layer_norm_eps, config=config)
+                     if config.block_style == "pre_norm" else None)
         self.gradient_checkpointing = False
         self._favor_draws = 0
         self.post_init()

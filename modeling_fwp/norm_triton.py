@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 try:  # guarded, so transformers' import check of a Hub folder does not demand triton from CPU users
     import triton
@@ -205,7 +206,8 @@ def _row_meta(n: int, rows: int):
     block_n = _pow2(n)
     tile = TUNE.get("tile", 4096)
     block_m = TUNE.get("block_m") or max(1, min(tile // block_n, _pow2(rows)))
-    warps = TUNE.get("warps") or max(4, min(16, block_m * block_n // 512))
+    # ~16 elements per thread; rows of 16384 take 32 warps (16 would spill in the backward)
+    warps = TUNE.get("warps") or (32 if block_n >= 16384 else max(4, min(16, block_m * block_n // 512)))
     return block_n, block_m, warps
 
 
@@ -260,6 +262,7 @@ class _RMSNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         need_dw = ctx.needs_input_grad[1]
@@ -277,6 +280,7 @@ class _L2NormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x2, rstd = ctx.saved_tensors
         dx, _ = _row_norm_bwd(x2, None, rstd, dy, *ctx.x_meta, mean=False, need_dw=False)
@@ -349,6 +353,7 @@ class _SwiGLUFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         g2, u2 = ctx.saved_tensors
         shape, g_dtype, u_dtype = ctx.meta
@@ -375,7 +380,7 @@ def swiglu_triton(gate: torch.Tensor, up: torch.Tensor):
     if gate.device != up.device:
         raise ValueError("swiglu_triton: gate and up are on different devices")
     if gate.numel() == 0:
-        return torch.nn.functional.silu(gate) * up  # nothing to launch; keeps autograd and dtypes
+        return (torch.nn.functional.silu(gate) * up).to(gate.dtype)  # nothing to launch; keeps autograd and dtypes
     if gate.dim() == 0:
         return _SwiGLUFunction.apply(gate.view(1), up.view(1)).view(())
     return _SwiGLUFunction.apply(gate, up)
