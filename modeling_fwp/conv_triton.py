@@ -245,13 +245,14 @@ def _check(x, weight, cu_seqlens, tail, activation):
 
 
 def _blocks(C, bwd):
-    """(BT, BC, warps).  Chosen from sm_90 register counts (bf16, K=4): the forward holds 16 elements per
-    thread (16-byte loads, ~122 registers), the backward 4 (it keeps 2K-1 source tiles and K dy tiles live;
-    ~103 registers, no spills).  Worth a sweep through TUNE on a GPU."""
+    """(BT, BC, warps).  The forward's from sm_90 register counts (bf16, K=4: 16 elements per thread, 16-byte
+    loads, ~122 registers).  The backward's from a sweep on an H100 (bf16, 8 x 2048 tokens, C = 1024, K = 4):
+    BT 64, BC 64, 4 warps, one tile per program took 0.19 ms, against 0.22-0.70 ms for the other 23 settings
+    of BT {16, 32, 64} x BC {64, 128} x warps {4, 8} x tiles {1, 4}."""
     suffix = "_bwd" if bwd else ""
-    bt = TUNE.get("BT" + suffix, 16 if bwd else 32)
-    bc = TUNE.get("BC" + suffix, min(128, max(16, triton.next_power_of_2(C))))
-    warps = TUNE.get("warps" + suffix, 16 if bwd else 8)
+    bt = TUNE.get("BT" + suffix, 64 if bwd else 32)
+    bc = TUNE.get("BC" + suffix, min(64 if bwd else 128, max(16, triton.next_power_of_2(C))))
+    warps = TUNE.get("warps" + suffix, 4 if bwd else 8)
     return bt, bc, warps
 
 
@@ -296,7 +297,7 @@ class _ShortConv(torch.autograd.Function):
         if R == 0 or C == 0:
             return dx.zero_(), torch.zeros_like(weight), None, None, None, None
         bt, bc, warps = _blocks(C, bwd=True)
-        tiles = TUNE.get("tiles_bwd", 8)  # tiles per program: a smaller dw partial buffer
+        tiles = TUNE.get("tiles_bwd", 1)  # tiles per program: more shrink the dw partial buffer, but ran slower
         n_prog = triton.cdiv(triton.cdiv(R, bt), tiles)
         acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
         dw_part = x.new_empty(n_prog, K, C, dtype=acc_t)

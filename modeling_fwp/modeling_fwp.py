@@ -35,11 +35,18 @@ except ImportError:  # pragma: no cover
     HAS_FUSED_CONV = HAS_FUSED_NORMS = False
 
 
+FUSED_MIN_TOKENS = 64
+
+
 def use_fused_kernels(x: torch.Tensor, config: FWPConfig) -> bool:
     """The Triton layer kernels (RMSNorm, l2 norm, SwiGLU, short convolution; `norm_triton.py`, `conv_triton.py`)
     run where the Triton update rule runs: CUDA tensors with kernel_backend "auto" or "triton". The "chunk" and
-    "recurrent" backends keep every op in plain PyTorch, the reference the kernels are tested against."""
-    return x.is_cuda and x.dtype != torch.float64 and config.kernel_backend in ("auto", "triton")
+    "recurrent" backends keep every op in plain PyTorch, the reference the kernels are tested against. A decode
+    step (few tokens, no gradient) also takes the PyTorch ops: it is bound by launch cost, and a Triton launch
+    costs more host time than the few small aten kernels it replaces."""
+    if not (x.is_cuda and x.dtype != torch.float64 and config.kernel_backend in ("auto", "triton")):
+        return False
+    return torch.is_grad_enabled() or x.numel() >= FUSED_MIN_TOKENS * x.shape[-1]
 
 
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:
@@ -143,9 +150,11 @@ class FWPRMSNorm(nn.Module):
         self.eps = eps
         self.config = config
 
-    def forward(self, x, out_dtype: torch.dtype | None = None):
+    def forward(self, x, out_dtype: torch.dtype | None = None, fused: bool | None = None):
         out_dtype = out_dtype or x.dtype
-        if HAS_FUSED_NORMS and self.config is not None and use_fused_kernels(x, self.config):
+        if fused is None:  # the attention passes its own decision for the per-head norm (rows = tokens x heads)
+            fused = self.config is not None and use_fused_kernels(x, self.config)
+        if HAS_FUSED_NORMS and fused:
             return rms_norm_triton(x, self.weight, self.eps, out_dtype=out_dtype)
         dtype = torch.promote_types(x.dtype, torch.float32)
         x32 = x.to(dtype)
@@ -285,7 +294,7 @@ class FWPAttention(nn.Module):
         if cfg.attention_normalization:
             o = (o.to(acc) / (q_denominator[..., None] + cfg.qk_norm_eps)).to(o.dtype)
         if cfg.use_output_norm:
-            o = self.o_norm(o)
+            o = self.o_norm(o, fused=fused)
         return self.o_proj(o.reshape(b, t, -1)), fast_weights, new_z, new_tail
 
     def _normalize(self, x, fused):

@@ -125,6 +125,11 @@ def test_fused_kernels_stay_off_on_cpu_and_for_the_reference_backends():
         assert modeling.use_fused_kernels(gpu, FWPConfig(kernel_backend="auto"))
         assert not modeling.use_fused_kernels(gpu, FWPConfig(kernel_backend="chunk"))
         assert not modeling.use_fused_kernels(gpu.double(), FWPConfig(kernel_backend="auto"))
+        decode_step, prefill = torch.zeros(8, 1, 32, device="cuda"), torch.zeros(1, 64, 32, device="cuda")
+        with torch.no_grad():  # a decode step is launch-bound: the PyTorch ops; a prefill: the kernels
+            assert not modeling.use_fused_kernels(decode_step, FWPConfig(kernel_backend="auto"))
+            assert modeling.use_fused_kernels(prefill, FWPConfig(kernel_backend="auto"))
+        assert modeling.use_fused_kernels(decode_step, FWPConfig(kernel_backend="auto"))  # training: always
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
