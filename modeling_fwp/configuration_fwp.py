@@ -57,7 +57,9 @@ class FWPConfig(PretrainedConfig):
         dropout (`float`, *optional*, defaults to 0.0): dropout on the residual branches and inside the feed-forward.
         kernel_backend (`str`, *optional*, defaults to `"auto"`): update-rule implementation: `"auto"` (Triton on
             CUDA, chunkwise PyTorch on CPU), `"recurrent"` (step by step, the reference), `"chunk"` (chunkwise
-            PyTorch), `"triton"` or `"fla"`. May be changed on a live model; it applies from the next call.
+            PyTorch), `"triton"` or `"fla"`. With `"auto"` / `"triton"` on CUDA the norms, SwiGLU and short
+            convolution run as fused Triton kernels too; `"chunk"` / `"recurrent"` keep every op in PyTorch. May be
+            changed on a live model; it applies from the next call.
         chunk_size (`int`, *optional*, defaults to 64): chunk length of the chunkwise backends (16, 32, 64 or 128).
         inference_segment_size (`int`, *optional*, defaults to 8192): a forward without gradients over more tokens
             than this runs in segments of this many, carrying the state (exact), so prefill memory stays flat in the
