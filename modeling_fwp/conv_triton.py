@@ -33,6 +33,8 @@ import os
 
 import torch
 
+from .ops_chunk import packed_sequence_count
+
 try:  # guarded, so the model file and transformers' import check of a Hub folder work without triton
     import triton
     import triton.language as tl
@@ -230,12 +232,7 @@ def _check(x, weight, cu_seqlens, tail, activation):
     if weight.dtype not in (torch.float32, x.dtype):
         raise ValueError(f"weight.dtype must be float32 or x.dtype ({x.dtype}), got {weight.dtype}")
     K = weight.shape[1]
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"with cu_seqlens the batch size B must be 1, got {B}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError("cu_seqlens must be a 1-D tensor [N+1] with N >= 1")
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = packed_sequence_count(B, cu_seqlens)
     if tail is not None:
         if tuple(tail.shape) != (N, K - 1, C):
             raise ValueError(f"tail must be [N, K-1, C] = {(N, K - 1, C)}, got {tuple(tail.shape)}")

@@ -113,10 +113,9 @@ if HAS_TRITON:
             tl.store(DW + pid.to(tl.int64) * N + c, dw, mask=mc)
 
     @triton.jit
-    def _swiglu_fwd_kernel(G, U, Y, rows, N, stride_g, stride_u, n_col_blocks,
-                           ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """y = silu(g) * u on one [BLOCK_M, BLOCK_N] tile (rows may be strided views, e.g. a chunk of a fused
-        gate/up projection)."""
+    def _swiglu_tile(G, U, rows, N, stride_g, stride_u, n_col_blocks,
+                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's [BLOCK_M, BLOCK_N] tile: row offsets, columns, mask, and g and u loaded in ACC."""
         pid = tl.program_id(0)
         r = (pid // n_col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
         c = (pid % n_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -124,6 +123,14 @@ if HAS_TRITON:
         r64 = r.to(tl.int64)[:, None]
         g = tl.load(G + r64 * stride_g + c[None, :], mask=m, other=0.0).to(ACC)
         u = tl.load(U + r64 * stride_u + c[None, :], mask=m, other=0.0).to(ACC)
+        return r64, c, m, g, u
+
+    @triton.jit
+    def _swiglu_fwd_kernel(G, U, Y, rows, N, stride_g, stride_u, n_col_blocks,
+                           ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """y = silu(g) * u on one [BLOCK_M, BLOCK_N] tile (rows may be strided views, e.g. a chunk of a fused
+        gate/up projection)."""
+        r64, c, m, g, u = _swiglu_tile(G, U, rows, N, stride_g, stride_u, n_col_blocks, ACC, BLOCK_M, BLOCK_N)
         y = g / (1.0 + tl.exp(-g)) * u
         tl.store(Y + r64 * N + c[None, :], y.to(Y.dtype.element_ty), mask=m)
 
@@ -131,13 +138,7 @@ if HAS_TRITON:
     def _swiglu_bwd_kernel(G, U, DY, DG, DU, rows, N, stride_g, stride_u, n_col_blocks,
                            ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """s = sigmoid(g) recomputed;  dg = dy * u * s * (1 + g * (1 - s)),  du = dy * g * s."""
-        pid = tl.program_id(0)
-        r = (pid // n_col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-        c = (pid % n_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = (r < rows)[:, None] & (c < N)[None, :]
-        r64 = r.to(tl.int64)[:, None]
-        g = tl.load(G + r64 * stride_g + c[None, :], mask=m, other=0.0).to(ACC)
-        u = tl.load(U + r64 * stride_u + c[None, :], mask=m, other=0.0).to(ACC)
+        r64, c, m, g, u = _swiglu_tile(G, U, rows, N, stride_g, stride_u, n_col_blocks, ACC, BLOCK_M, BLOCK_N)
         dy = tl.load(DY + r64 * N + c[None, :], mask=m, other=0.0).to(ACC)
         s = 1.0 / (1.0 + tl.exp(-g))
         gs = g * s

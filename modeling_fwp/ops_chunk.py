@@ -30,6 +30,17 @@ def state_dtype_for(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def packed_sequence_count(batch_size: int, cu_seqlens: torch.Tensor | None) -> int:
+    """N: the batch rows, or the sequences that `cu_seqlens` marks in a batch of one packed row."""
+    if cu_seqlens is None:
+        return batch_size
+    if batch_size != 1:
+        raise ValueError(f"with cu_seqlens the batch size B must be 1, got {batch_size}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D tensor [N+1] with N >= 1")
+    return cu_seqlens.numel() - 1
+
+
 def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total_length: int) -> list[int]:
     """Offsets as a Python list after checking 0 = cu[0] <= cu[1] <= ... <= cu[-1] = T (reads them on the host)."""
     offsets = cu_seqlens.tolist()

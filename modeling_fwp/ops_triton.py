@@ -26,6 +26,8 @@ import os
 
 import torch
 
+from .ops_chunk import packed_sequence_count
+
 try:  # guarded, so transformers' import check of a Hub folder does not demand triton from CPU users
     import triton
     import triton.language as tl
@@ -916,12 +918,7 @@ def _check(q, k, v, beta, initial_state, cu_seqlens, chunk_size, is_delta):
     if is_delta and (beta is None or beta.shape != q.shape[:3]):
         raise ValueError(f"beta must be [B,T,H] = {tuple(q.shape[:3])}, got "
                          f"{None if beta is None else tuple(beta.shape)}")
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"with cu_seqlens the batch size B must be 1, got {B}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError("cu_seqlens must be a 1-D tensor [N+1] with N >= 1")
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = packed_sequence_count(B, cu_seqlens)
     if initial_state is not None and tuple(initial_state.shape) != (N, H, K, V):
         raise ValueError(f"initial_state must be [N,H,K,V] = {(N, H, K, V)}, got {tuple(initial_state.shape)}")
 

@@ -9,18 +9,15 @@ applies SiLU) and T=0 (F.conv1d refuses it) use a per-sequence loop instead.  On
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import subprocess
 import sys
-import traceback
 
 import pytest
 import torch
+from triton_interpreter import REPO, run_cases, value_error_messages, worker_results
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = {"float32": 1e-5, "float64": 1e-12, "bfloat16": 1e-2}  # relative norm of the difference
 
 # name -> shape and options.  cu: packed sequence boundaries (B must be 1); tail: pass a cached tail;
@@ -137,38 +134,17 @@ def bad_input_messages():
                                                   cu_seqlens=torch.tensor([0, 4], dtype=torch.int32)),
         "int_dtype": lambda: short_conv_triton(x.long(), w),
     }
-    out = {}
-    for name, fn in tries.items():
-        try:
-            fn()
-            out[name] = None
-        except ValueError as e:
-            out[name] = str(e)
-    return out
+    return value_error_messages(tries)
 
 
 def _worker():
     torch.set_num_threads(1)
-    results = {}
-    for name, spec in CASES.items():
-        try:
-            results[name] = run_case(spec)
-        except Exception:
-            results[name] = {"error": traceback.format_exc()}
-    results["_bad_inputs"] = bad_input_messages()
-    print("RESULTS " + json.dumps(results))
+    run_cases(CASES, run_case, _bad_inputs=bad_input_messages)
 
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return json.loads(lines[-1][len("RESULTS "):])
+    return worker_results(__file__)
 
 
 def _assert_small(name, errs, tol):
@@ -203,7 +179,9 @@ def test_imports_without_triton(monkeypatch):
     """The module must load where triton is missing (HAS_TRITON False) and refuse calls with ImportError."""
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    spec = importlib.util.spec_from_file_location("_conv_triton_no_triton",
+    import modeling_fwp.ops_chunk  # noqa: F401  the package its relative import needs (no triton in it)
+
+    spec = importlib.util.spec_from_file_location("modeling_fwp._conv_triton_no_triton",
                                                   os.path.join(REPO, "modeling_fwp", "conv_triton.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

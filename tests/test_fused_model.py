@@ -7,18 +7,15 @@ first imported), with the fused path forced on for CPU tensors; on CUDA the real
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import subprocess
 import sys
-import traceback
 
 import pytest
 import torch
+from triton_interpreter import REPO, run_cases, worker_results
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The modern DeltaNet layer (every fused kernel is used) and the same with padding or packing.
 MODERN = dict(block_style="pre_norm", feature_map="identity", qk_norm="l2", use_short_conv=True,
               use_output_norm=True, position_embedding="none")
@@ -81,25 +78,12 @@ def _worker():
     import modeling_fwp.modeling_fwp as modeling
 
     modeling.use_fused_kernels = lambda x, config: config.kernel_backend in ("auto", "triton")  # CPU tensors too
-    results = {}
-    for name, spec in CASES.items():
-        try:
-            results[name] = run_case(spec)
-        except Exception:
-            results[name] = {"error": traceback.format_exc()}
-    print("RESULTS " + json.dumps(results))
+    run_cases(CASES, run_case)
 
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return json.loads(lines[-1][len("RESULTS "):])
+    return worker_results(__file__)
 
 
 def _assert_small(errs, tol):

@@ -11,18 +11,15 @@ On CUDA, realistic shapes also run in-process.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import subprocess
 import sys
-import traceback
 
 import pytest
 import torch
+from triton_interpreter import REPO, run_cases, value_error_messages, worker_results
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 RMS_EPS, L2_EPS = 1e-6, 1e-5
 
@@ -169,38 +166,17 @@ def bad_input_messages():
         "out_dtype": lambda: rms_norm_triton(x, torch.ones(8), 1e-6, out_dtype=torch.int8),
         "swiglu_shapes": lambda: swiglu_triton(x, torch.randn(3, 9)),
     }
-    out = {}
-    for name, fn in tries.items():
-        try:
-            fn()
-            out[name] = None
-        except ValueError as e:
-            out[name] = str(e)
-    return out
+    return value_error_messages(tries)
 
 
 def _worker():
     torch.set_num_threads(1)  # tiny tensors: extra intra-op threads only add sync cost
-    results = {}
-    for name, spec in CASES.items():
-        try:
-            results[name] = run_case(spec)
-        except Exception:
-            results[name] = {"error": traceback.format_exc()}
-    results["_bad_inputs"] = bad_input_messages()
-    print("RESULTS " + json.dumps(results))
+    run_cases(CASES, run_case, _bad_inputs=bad_input_messages)
 
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return json.loads(lines[-1][len("RESULTS "):])
+    return worker_results(__file__)
 
 
 def _assert_small(name, errs, spec, tol=None):

@@ -8,18 +8,15 @@ On CUDA, larger shapes also run in-process (fp32 against float64, bf16 with a lo
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import subprocess
 import sys
-import traceback
 
 import pytest
 import torch
+from triton_interpreter import REPO, run_cases, value_error_messages, worker_results
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # fp32 kernels vs float64: relative norm of the difference
 
 # name -> shape and options.  rule: "delta" | "sum"; grad: run backward too (else forward under no_grad,
@@ -139,37 +136,16 @@ def bad_input_messages():
         "varlen_batch": lambda: delta_rule_triton(x(2, 4, 1, 16), x(2, 4, 1, 16), x(2, 4, 1, 16), x(2, 4, 1), 1.0,
                                                   None, False, torch.tensor([0, 4], dtype=torch.int32), 64),
     }
-    out = {}
-    for name, fn in tries.items():
-        try:
-            fn()
-            out[name] = None
-        except ValueError as e:
-            out[name] = str(e)
-    return out
+    return value_error_messages(tries)
 
 
 def _worker():
-    results = {}
-    for name, spec in CASES.items():
-        try:
-            results[name] = run_case(spec)
-        except Exception:
-            results[name] = {"error": traceback.format_exc()}
-    results["_bad_inputs"] = bad_input_messages()
-    print("RESULTS " + json.dumps(results))
+    run_cases(CASES, run_case, _bad_inputs=bad_input_messages)
 
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return json.loads(lines[-1][len("RESULTS "):])
+    return worker_results(__file__)
 
 
 @pytest.mark.parametrize("name", list(CASES))
