@@ -473,6 +473,8 @@ def main(argv: list[str] | None = None) -> dict:
         "validation_perplexity_carry_over": metrics.get("eval_carry_perplexity", metrics["eval_perplexity"]),
         "validation_perplexity_no_carry_over": metrics["eval_nocarry_perplexity"],
         "unigram_perplexity": unigram,
+        "distributed_type": trainer.accelerator.distributed_type.value,
+        "processes": trainer.accelerator.num_processes,
     }
     if run_args.save_replica_checksum:
         checksum = parameter_checksum(trainer.accelerator.unwrap_model(trainer.model))
