@@ -720,6 +720,13 @@ def fig3_size(rows):
     return 20 if 20 in sizes or not sizes else min(sizes)
 
 
+def save_figure(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def make_plots(results, curves, out_dir):
     try:
         import matplotlib
@@ -745,10 +752,7 @@ def make_plots(results, curves, out_dir):
         ax.set(xlabel="number of unique keys S (= sequence length L)", ylabel="final evaluation loss",
                title="Setting 1 (capacity, sum rule); dotted: d_dot = 64, 128, 256, 384")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths["fig2"] = os.path.join(out_dir, "fig2_capacity.png")
-        fig.savefig(paths["fig2"], dpi=120)
-        plt.close(fig)
+        paths["fig2"] = save_figure(plt, fig, os.path.join(out_dir, "fig2_capacity.png"))
     size = fig3_size(curves)
     curve = {rule: [(r["step"], r["eval_loss"]) for r in curves if r["setting"] == 2 and r["model"] == "dpfp1"
                     and r["S"] == size and r["rule"] == rule and r["seed"] == 0] for rule in ("delta", "sum")}
@@ -761,10 +765,7 @@ def make_plots(results, curves, out_dir):
                title=f"Setting 2, DPFP-1, S = {size}, L = {2 * size}")
         ax.axhline(STOP_LOSS, color="grey", lw=0.6, ls=":")
         ax.legend()
-        fig.tight_layout()
-        paths["fig3"] = os.path.join(out_dir, "fig3_learning_curves.png")
-        fig.savefig(paths["fig3"], dpi=120)
-        plt.close(fig)
+        paths["fig3"] = save_figure(plt, fig, os.path.join(out_dir, "fig3_learning_curves.png"))
     models2 = [m for m in SETTING2_MODELS if final_losses(results, 2, m)]
     if models2:  # Fig. 5: setting 2, final loss vs S per model and update rule
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -777,10 +778,7 @@ def make_plots(results, curves, out_dir):
         ax.set(xlabel="number of unique keys S (L = 2S)", ylabel="final evaluation loss",
                title="Setting 2 (overwrites): delta (solid) vs sum (dashed)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths["fig5"] = os.path.join(out_dir, "fig5_update_rules.png")
-        fig.savefig(paths["fig5"], dpi=120)
-        plt.close(fig)
+        paths["fig5"] = save_figure(plt, fig, os.path.join(out_dir, "fig5_update_rules.png"))
     return paths
 
 
