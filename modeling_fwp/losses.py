@@ -45,20 +45,29 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad, None, None
 
 
-def causal_lm_loss(logits, labels, num_items_in_batch=None, chunk_rows: int = 4096):
+def causal_lm_loss(logits, labels=None, num_items_in_batch=None, shift_labels=None, chunk_rows: int = 4096):
     """Loss of `logits` [B, T, V] predicting `labels` [B, T] shifted by one (as transformers' ForCausalLMLoss).
 
-    With `num_items_in_batch` (a number or tensor) the summed loss is divided by it, so gradient accumulation over
-    several micro-batches is exact; otherwise it is the mean over the non-ignored targets."""
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels must have the shape [batch, seq_len] of the logits {tuple(logits.shape[:2])}; "
-                         f"got {tuple(labels.shape)}.")
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[:, :-1] = labels[:, 1:]
+    `shift_labels` [B, T] are targets already aligned with the logits (what sequence/context-parallel training
+    passes, since a shard's last target lives on the next shard); they take the place of `labels`. With
+    `num_items_in_batch` (a number or tensor) the summed loss is divided by it, so gradient accumulation over
+    several micro-batches is exact; otherwise it is the mean over the non-ignored targets. A batch with no target
+    at all (every label -100, or `num_items_in_batch` 0) gives loss 0 with zero gradients, not NaN."""
+    given = labels if shift_labels is None else shift_labels
+    name = "labels" if shift_labels is None else "shift_labels"
+    if given.shape != logits.shape[:2]:
+        raise ValueError(f"{name} must have the shape [batch, seq_len] of the logits {tuple(logits.shape[:2])}; "
+                         f"got {tuple(given.shape)}.")
+    if shift_labels is None:
+        targets = torch.full_like(labels, IGNORE_INDEX)
+        targets[:, :-1] = labels[:, 1:]
+    else:
+        targets = shift_labels
     targets = targets.reshape(-1).to(logits.device)
     total = _ChunkedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets, chunk_rows)
     if num_items_in_batch is None:
-        return total / (targets != IGNORE_INDEX).sum()
+        num_items_in_batch = (targets != IGNORE_INDEX).sum()
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    # total is exactly 0 (and its gradient too) when nothing is counted, so dividing by max(n, 1) changes only 0/0
+    return total / (num_items_in_batch.clamp(min=1) if torch.is_tensor(num_items_in_batch) else max(num_items_in_batch, 1))

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import can_return_tuple
 
 from .cache_fwp import FWPCache
+from .compat import CACHE_NAME, CHUNKED_PREFILL_REFEEDS_HISTORY, output_cache
 from .configuration_fwp import FWPConfig
 from .feature_maps import build_feature_map, normalize_qk
 from .losses import causal_lm_loss
@@ -88,6 +90,13 @@ class SequenceLayout:
         out = x.new_zeros(self.batch_size * self.seq_len, *x.shape[2:])
         out = out.index_copy(0, self.unpad_index, x[0])
         return out.view(self.batch_size, self.seq_len, *x.shape[2:])
+
+
+def resolve_cache_argument(cache, past_key_values):
+    """The cache passed as `cache` (transformers >= 5.24) or `past_key_values` (the older name)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the FWPCache as `cache` or as `past_key_values`, not both.")
+    return cache if cache is not None else past_key_values
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -427,15 +436,20 @@ class FWPModel(FWPPreTrainedModel):
             generator = torch.Generator().manual_seed(1_000_003 * self._favor_draws + layer.attn.layer_idx)
             layer.attn.feature_map.redraw(generator)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-                use_cache=None, output_hidden_states=None, return_dict=None, cu_seqlens=None, cu_seq_lens_q=None,
-                keep_last_hidden: int = 0, **kwargs):
+    @can_return_tuple
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, output_hidden_states=None, cu_seqlens=None, cu_seq_lens_q=None,
+                keep_last_hidden: int = 0, past_key_values=None, **kwargs):
         r"""
+        cache / past_key_values (`FWPCache`, *optional*):
+            The fast-weight state to continue from; it is updated in place. transformers 5.24 renamed the argument
+            `past_key_values` to `cache`: both names are accepted on every supported release (not both at once).
         keep_last_hidden (`int`, *optional*, defaults to 0):
             When > 0, `last_hidden_state` holds only the last `keep_last_hidden` positions (the causal LM passes
             `logits_to_keep`). With the segmented inference forward this keeps a long prompt's memory independent of
             its length: only one segment's activations exist at a time.
         """
+        past_key_values = resolve_cache_argument(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if attention_mask is not None and attention_mask.dim() != 2:
@@ -446,7 +460,7 @@ class FWPModel(FWPPreTrainedModel):
         if attention_mask is not None and attention_mask.shape[1] > seq_len:
             attention_mask = attention_mask[:, -seq_len:]  # generate() passes the mask of the whole history
         if past_key_values is not None and not isinstance(past_key_values, FWPCache):
-            raise TypeError(f"past_key_values must be an FWPCache (or None); got {type(past_key_values).__name__}.")
+            raise TypeError(f"The cache must be an FWPCache (or None); got {type(past_key_values).__name__}.")
         if use_cache and past_key_values is None:
             past_key_values = FWPCache(config=self.config)
         segment = self.config.inference_segment_size
@@ -466,15 +480,19 @@ class FWPModel(FWPPreTrainedModel):
                               past_key_values.row_tokens(0) if past_key_values is not None else None)
         num_rows = layout.row_tokens.numel()
         if past_key_values is not None and past_key_values.batch_size not in (-1, num_rows):
-            raise ValueError(f"past_key_values holds {past_key_values.batch_size} sequences but this input has {num_rows}.")
+            raise ValueError(f"The cache (past_key_values) holds {past_key_values.batch_size} sequences but this input "
+                             f"has {num_rows}.")
 
         hidden = layout.pack(inputs_embeds)
         if self.config.position_embedding == "sinusoidal":
             hidden = hidden + sinusoidal_embedding(layout.positions, self.config.hidden_size, self.config.rope_theta).to(hidden.dtype)
         hidden = self.dropout(hidden)
-        all_hidden = [layout.unpack(hidden)] if output_hidden_states else None
+        all_hidden = [] if output_hidden_states else None
         new_states = []
         for idx, block in enumerate(self.layers):
+            if output_hidden_states:  # the returned copy is what the next layer reads, so it stays in the graph
+                all_hidden.append(layout.unpack(hidden))
+                hidden = layout.pack(all_hidden[-1])
             state = past_key_values[idx] if past_key_values is not None else None
             hidden, fast_weights, z, conv_tail = block(
                 hidden, layout=layout, want_state=past_key_values is not None,
@@ -482,20 +500,18 @@ class FWPModel(FWPPreTrainedModel):
                 conv_tail=state.conv_tail if state else None,
             )
             new_states.append((fast_weights, z, conv_tail))
-            if output_hidden_states:
-                all_hidden.append(layout.unpack(hidden))
         if past_key_values is not None:  # commit only once every layer ran: a failed forward leaves the cache intact
             for idx, (fast_weights, z, conv_tail) in enumerate(new_states):
                 past_key_values.write(idx, fast_weights, z, conv_tail, seq_len, layout.row_tokens)
         if self.norm is not None:
             hidden = self.norm(hidden)
-            if output_hidden_states:
-                all_hidden[-1] = layout.unpack(hidden)
         hidden = layout.unpack(hidden)
+        if output_hidden_states:  # the last entry is the final (normed) output, as in transformers' models
+            all_hidden.append(hidden)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden[:, -keep_last_hidden:] if keep_last_hidden > 0 else hidden,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            **{CACHE_NAME: past_key_values if use_cache else None},
         )
 
 
@@ -513,7 +529,7 @@ class FWPModel(FWPPreTrainedModel):
                 input_ids=None if input_ids is None else input_ids[:, part],
                 inputs_embeds=None if inputs_embeds is None else inputs_embeds[:, part],
                 attention_mask=None if attention_mask is None else attention_mask[:, part],
-                past_key_values=cache, use_cache=True, output_hidden_states=output_hidden_states,
+                cache=cache, use_cache=True, output_hidden_states=output_hidden_states, return_dict=True,
             )
             kept.append(out.last_hidden_state)
             if keep_last_hidden > 0:  # only the tail that can still be among the last positions
@@ -523,8 +539,8 @@ class FWPModel(FWPPreTrainedModel):
             hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*hidden_states))
         return BaseModelOutputWithPast(
             last_hidden_state=torch.cat(kept, dim=1),
-            past_key_values=cache if use_cache else None,
             hidden_states=hidden_states if output_hidden_states else None,
+            **{CACHE_NAME: cache if use_cache else None},
         )
 
 
@@ -557,22 +573,51 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # generate() gets an FWPCache from the start (never a DynamicCache), so chunked prefill has a cache to fill.
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = FWPCache(config=self.config)
+        # It goes under the name the installed transformers passes to forward (`cache` from 5.24 on).
+        implementation = generation_config.cache_implementation
+        if implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={implementation!r} is not supported by FWP models: their state is a fixed-size "
+                "FWPCache (use cache_implementation=None or 'dynamic', the default)."
+            )
+        other_name = "past_key_values" if CACHE_NAME == "cache" else "cache"
+        if model_kwargs.get(other_name) is not None:  # a user's cache under the other release's name
+            model_kwargs[CACHE_NAME] = resolve_cache_argument(model_kwargs.get(CACHE_NAME), model_kwargs.pop(other_name))
+        if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
+            model_kwargs[CACHE_NAME] = FWPCache(config=self.config)
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        cache = model_kwargs.get(CACHE_NAME)
+        if (CHUNKED_PREFILL_REFEEDS_HISTORY and generation_config.prefill_chunk_size is not None and cache is not None
+                and cache.get_seq_length() > 0 and model_kwargs.get("inputs_embeds") is None):
+            # Continuing from a cache, older releases chunk the whole history again: hand them the new columns only
+            # (ids and mask alike, since they cut the mask from its first column).
+            past, mask = cache.get_seq_length(), model_kwargs.get("attention_mask")
+            if mask is None or mask.shape[1] == input_ids.shape[1]:
+                input_ids = input_ids[:, past:]
+                if mask is not None:
+                    model_kwargs["attention_mask"] = mask[:, past:]
+        return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
 
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-                labels=None, use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep=0,
-                cu_seqlens=None, cu_seq_lens_q=None, **kwargs):
+    @can_return_tuple
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_hidden_states=None, logits_to_keep=0, cu_seqlens=None,
+                cu_seq_lens_q=None, past_key_values=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         r"""
+        cache / past_key_values (`FWPCache`, *optional*):
+            The fast-weight state to continue from (updated in place); either name, as in `FWPModel.forward`.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token targets (shifted inside the model); -100 is ignored. `num_items_in_batch` (a kwarg the Trainer
             passes) makes the loss a sum divided by it, so gradient accumulation is exact. The loss is computed in
             fp32 chunk by chunk (`losses.causal_lm_loss`), so no full fp32 copy of the logits is made.
+        shift_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Targets already aligned with the logits (sequence / context-parallel training passes them); used instead
+            of shifting `labels`.
         cu_seqlens / cu_seq_lens_q (`torch.IntTensor`, *optional*):
             Boundaries of packed documents in a batch of one row; no state crosses a boundary. Packed position_ids
             that restart at 0 (transformers' `DataCollatorWithFlattening`) are understood too.
@@ -580,20 +625,22 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
             Only read to find packed documents. Positions (rotary / sinusoidal) are counted per sequence from the
             cache and the attention_mask, so they stay exact under padding, chunked prefill and continuation.
         """
+        with_loss = labels is not None or shift_labels is not None
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            cache=resolve_cache_argument(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_hidden_states=output_hidden_states, cu_seqlens=cu_seqlens, cu_seq_lens_q=cu_seq_lens_q,
-            keep_last_hidden=logits_to_keep if isinstance(logits_to_keep, int) and labels is None else 0,
+            keep_last_hidden=logits_to_keep if isinstance(logits_to_keep, int) and not with_loss else 0,
+            return_dict=True,
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
         loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels, num_items_in_batch=kwargs.get("num_items_in_batch"))
+        if with_loss:
+            loss = causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch, shift_labels=shift_labels)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_NAME: output_cache(outputs)}
         )
 
 

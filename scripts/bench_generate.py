@@ -29,6 +29,11 @@ from pathlib import Path
 import torch
 
 MODELS = ("fwp", "fla", "llama")
+
+
+def generated_cache(out):
+    """The cache of a generate() output: `cache` from transformers 5.24 on, `past_key_values` before."""
+    return out.get("cache", None) if "cache" in out.keys() else out.get("past_key_values", None)
 # The ~370M size shared by the three models (the fla DeltaNet anchor): 24 layers of width 1024, 16 heads of 64,
 # SwiGLU width 2816 (what fla derives from hidden_ratio=4), vocabulary 32000, untied embeddings.
 FULL = dict(hidden=1024, layers=24, heads=16, head_dim=64, intermediate=2816, vocab=32000)
@@ -192,7 +197,7 @@ def run_case(model, name, batch, length, args, device):
             prefills.append(timed_generate(model, ids, 1, args, device)[0])
             total, out = timed_generate(model, ids, args.new_tokens, args, device)
             totals.append(total)
-        row["cache_mb"] = round(cache_nbytes(out.past_key_values) / 2**20, 2)
+        row["cache_mb"] = round(cache_nbytes(generated_cache(out)) / 2**20, 2)
         del out
         prefill, total = statistics.median(prefills), statistics.median(totals)
         row.update(status="ok", prefill_s=round(prefill, 4), total_s=round(total, 4),

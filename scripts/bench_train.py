@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import modeling_fwp  # noqa: E402,F401  registers "fwp"
 from modeling_fwp import FWPForCausalLM  # noqa: E402
+from modeling_fwp.compat import enable_activation_checkpointing  # noqa: E402
 from modeling_fwp.presets import load_preset, parse_config_overrides  # noqa: E402
 
 MODELS = ("fwp", "fla", "llama")
@@ -102,7 +103,7 @@ def bench_one(name, config, args, accelerator):
     if model is None:
         return {"model": name, "skipped": note}
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     parameters = sum(p.numel() for p in model.parameters())
     model.to(accelerator.device)  # before the optimizer: fused AdamW wants its parameters on the GPU already
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=torch.cuda.is_available())

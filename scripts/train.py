@@ -46,6 +46,7 @@ from modeling_fwp import FWPConfig  # noqa: E402
 from modeling_fwp import data as fwp_data  # noqa: E402
 from modeling_fwp import presets  # noqa: E402
 from modeling_fwp import tokenizer_utils  # noqa: E402
+from modeling_fwp.compat import CACHE_NAME, output_cache  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     GenerationConfig,
@@ -290,12 +291,12 @@ class FWPTrainer(Trainer):
         past_segment, cache = self._carried.get(model.training, (None, None))
         if not self.carry_state or past_segment is None or segment != past_segment + 1:
             cache = None
-        outputs = model(**inputs, past_key_values=cache, use_cache=self.carry_state)
+        outputs = model(**inputs, cache=cache, use_cache=self.carry_state)
         if self.carry_state:
-            self._carried[model.training] = (segment, outputs.past_key_values.detach())
+            self._carried[model.training] = (segment, output_cache(outputs).detach())
         else:
             self._carried.pop(model.training, None)
-        outputs["past_key_values"] = None  # nothing downstream (e.g. prediction gathering) holds on to the state
+        outputs[CACHE_NAME] = None  # nothing downstream (e.g. prediction gathering) holds on to the state
         nll = F.cross_entropy(outputs.logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                               reduction="sum")
         if num_items_in_batch is not None:  # normalised over the whole accumulated (and gathered) batch

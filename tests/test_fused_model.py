@@ -38,6 +38,8 @@ def _model(device, dtype, backend):
 
 def run_case(spec, device="cpu", dtype=torch.float32):
     """Relative errors of the fused model against the reference (same weights) for one case."""
+    from modeling_fwp.compat import output_cache
+
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(1, 97, (spec["batch"], spec["length"]), generator=gen).to(device)
     kwargs = {}
@@ -63,13 +65,13 @@ def run_case(spec, device="cpu", dtype=torch.float32):
         out.loss.backward()
     grads = [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (fused, reference)]
     errs["grads"] = rel(*grads)
-    for i, (a, b) in enumerate(zip(outs[0].past_key_values.layers, outs[1].past_key_values.layers)):
+    for i, (a, b) in enumerate(zip(output_cache(outs[0]).layers, output_cache(outs[1]).layers)):
         errs[f"state{i}"] = rel(a.fast_weights, b.fast_weights)
         errs[f"conv_tail{i}"] = rel(a.conv_tail, b.conv_tail)
     if "continue_with" in spec:
         more = torch.randint(1, 97, (spec["batch"], spec["continue_with"]), generator=gen).to(device)
         with torch.no_grad():
-            nxt = [m(more, past_key_values=o.past_key_values) for m, o in zip((fused, reference), outs)]
+            nxt = [m(more, cache=output_cache(o)) for m, o in zip((fused, reference), outs)]
         errs["continued_logits"] = rel(nxt[0].logits, nxt[1].logits)
     return errs
 

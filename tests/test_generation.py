@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from modeling_fwp import FWPCache, FWPConfig, FWPForCausalLM, ops
+from modeling_fwp.compat import output_cache
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 60
@@ -100,7 +101,7 @@ def test_greedy_generate_equals_argmax_loop_without_cache(variant):
     model = make_model(variant)
     ids = random_ids(2, 9)
     out = greedy(model, ids, 12, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, FWPCache)  # never a DynamicCache
+    assert isinstance(output_cache(out), FWPCache)  # never a DynamicCache
     assert torch.equal(out.sequences, argmax_loop(model, ids, 12))
     assert max(len(set(row[9:].tolist())) for row in out.sequences) > 2, "degenerate test: a constant continuation proves little"
 
@@ -112,11 +113,11 @@ def test_cached_forward_over_several_tokens_continues_the_state(variant):
     whole = model(ids, use_cache=True)
     cache, pieces = None, []
     for start, stop in ((0, 7), (7, 37), (37, 38), (38, 50)):  # crosses the 16-token chunks of the chunk backend
-        out = model(ids[:, start:stop], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(ids[:, start:stop], cache=cache, use_cache=True)
+        cache = output_cache(out)
         pieces.append(out.logits)
     torch.testing.assert_close(torch.cat(pieces, 1), whole.logits, rtol=1e-10, atol=1e-10)
-    assert_same_state(cache, whole.past_key_values)
+    assert_same_state(cache, output_cache(whole))
     assert cache.get_seq_length() == 50
 
 
@@ -140,11 +141,11 @@ def test_generate_continues_a_previous_generate_exactly(variant):
     model = make_model(variant)
     first = greedy(model, random_ids(1, 8), 6, return_dict_in_generate=True)
     history = torch.cat([first.sequences, random_ids(1, 5, seed=4)], dim=1)
-    seen_before = first.past_key_values.get_seq_length()
+    seen_before = output_cache(first).get_seq_length()
     assert seen_before == 8 + 6 - 1  # the last generated token has not been fed yet
-    second = greedy(model, history, 7, past_key_values=first.past_key_values, return_dict_in_generate=True)
+    second = greedy(model, history, 7, cache=output_cache(first), return_dict_in_generate=True)
     assert torch.equal(second.sequences, argmax_loop(model, history, 7))
-    assert second.past_key_values.get_seq_length() == history.shape[1] + 7 - 1
+    assert output_cache(second).get_seq_length() == history.shape[1] + 7 - 1
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -159,7 +160,7 @@ def test_multi_turn_continuation_of_a_left_padded_batch(variant):
     turn_ids, turn_mask = left_pad(turns)
     history = torch.cat([first.sequences, turn_ids], dim=1)
     history_mask = torch.cat([mask, torch.ones(2, 4, dtype=torch.long), turn_mask], dim=1)
-    second = greedy(model, history, 5, attention_mask=history_mask, past_key_values=first.past_key_values,
+    second = greedy(model, history, 5, attention_mask=history_mask, cache=output_cache(first),
                     prefill_chunk_size=2)  # the new turn is prefilled in chunks on top of the previous state
     for row, (prompt, turn) in enumerate(zip(prompts, turns)):
         alone = torch.cat([prompt[None], first.sequences[row:row + 1, -4:], turn[None]], dim=1)
@@ -173,11 +174,11 @@ def test_continuation_with_more_rows_needs_the_cache_repeated():
     first = greedy(model, random_ids(2, 6, seed=9), 3, return_dict_in_generate=True)
     history = torch.cat([first.sequences, random_ids(2, 2, seed=10)], dim=1)
     with pytest.raises(ValueError, match="holds 2 sequences but this input has 4"):
-        sample(model, history, 0, past_key_values=copy.deepcopy(first.past_key_values), num_return_sequences=2,
+        sample(model, history, 0, cache=copy.deepcopy(output_cache(first)), num_return_sequences=2,
                max_new_tokens=3)
-    repeated = copy.deepcopy(first.past_key_values)
+    repeated = copy.deepcopy(output_cache(first))
     repeated.batch_repeat_interleave(2)
-    expanded = sample(model, history, 0, past_key_values=repeated, num_return_sequences=2, max_new_tokens=3)
+    expanded = sample(model, history, 0, cache=repeated, num_return_sequences=2, max_new_tokens=3)
     # the same random draws as sampling the repeated histories from scratch, without any cache
     assert torch.equal(expanded, sample(model, history.repeat_interleave(2, dim=0), 0, max_new_tokens=3))
 
@@ -194,7 +195,7 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(variant):
         for step in range(9):
             torch.testing.assert_close(out.scores[step][row], alone.scores[step][0], rtol=1e-10, atol=1e-10)
         # positions continue per row from the row's own real tokens, not from the padded width
-        assert out.past_key_values.row_tokens(1)[row] == len(prompt) + 9 - 1
+        assert output_cache(out).row_tokens(1)[row] == len(prompt) + 9 - 1
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -219,10 +220,10 @@ def test_right_padded_forward_equals_unpadded(variant):
     for row, length in enumerate(lengths):
         alone = model(ids[row:row + 1, :length], use_cache=True)
         torch.testing.assert_close(out.logits[row, :length], alone.logits[0], rtol=1e-10, atol=1e-10)
-        assert_same_state(out.past_key_values, alone.past_key_values, rows_a=slice(row, row + 1))
+        assert_same_state(output_cache(out), output_cache(alone), rows_a=slice(row, row + 1))
     # and the next token continues each row from its last real token
     nxt = random_ids(2, 1, seed=22)
-    step = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+    step = model(nxt, cache=output_cache(out), use_cache=True)
     for row, length in enumerate(lengths):
         reference = full_logits(model, torch.cat([ids[row:row + 1, :length], nxt[row:row + 1]], dim=1))[:, -1]
         torch.testing.assert_close(step.logits[row, -1], reference[0], rtol=1e-10, atol=1e-10)
@@ -234,10 +235,10 @@ def test_positions_continue_per_row_under_left_padding(variant):
     prompts = [random_ids(1, 8, seed=30)[0], random_ids(1, 2, seed=31)[0]]
     ids, mask = left_pad(prompts)
     out = model(ids, attention_mask=mask, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert cache.row_tokens(0).tolist() == [8, 2] and cache.get_seq_length() == 8
     nxt = random_ids(2, 3, seed=32)
-    step = model(nxt, attention_mask=torch.cat([mask, torch.ones(2, 3, dtype=torch.long)], 1), past_key_values=cache)
+    step = model(nxt, attention_mask=torch.cat([mask, torch.ones(2, 3, dtype=torch.long)], 1), cache=cache)
     for row, prompt in enumerate(prompts):
         reference = full_logits(model, torch.cat([prompt[None], nxt[row:row + 1]], dim=1))[0, -3:]
         torch.testing.assert_close(step.logits[row], reference, rtol=1e-10, atol=1e-10)
@@ -245,7 +246,7 @@ def test_positions_continue_per_row_under_left_padding(variant):
     shifted = FWPCache(config=model.config)
     for layer in shifted.layers:
         layer.row_tokens = torch.tensor([6])  # a position offset only: the state itself starts empty
-    wrong = model(torch.cat([prompts[1][None], nxt[1:2]], dim=1), past_key_values=shifted, use_cache=True).logits
+    wrong = model(torch.cat([prompts[1][None], nxt[1:2]], dim=1), cache=shifted, use_cache=True).logits
     assert not torch.allclose(wrong[0, -3:], step.logits[1], atol=1e-6)
 
 
@@ -266,7 +267,7 @@ def test_low_precision_model_keeps_a_float32_state():
     ids = random_ids(2, 20)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=PAD, return_dict_in_generate=True)
-    for layer in out.past_key_values.layers:
+    for layer in output_cache(out).layers:
         assert layer.fast_weights.dtype == torch.float32 and layer.z.dtype == torch.float32
 
 
@@ -283,8 +284,8 @@ def test_decode_state_is_constant_in_context_length():
     sizes, shapes = [], []
     for length in (16, 4096):
         with torch.no_grad():
-            cache = model(random_ids(2, length, seed=length), use_cache=True).past_key_values
-            cache = model(random_ids(2, 1, seed=3), past_key_values=cache, use_cache=True).past_key_values
+            cache = output_cache(model(random_ids(2, length, seed=length), use_cache=True))
+            cache = output_cache(model(random_ids(2, 1, seed=3), cache=cache, use_cache=True))
         assert cache.get_seq_length() == length + 1
         assert all(cache.get_seq_length(i) == length + 1 for i in range(2))  # per layer, not global
         sizes.append(cache.state_nbytes())
@@ -309,7 +310,7 @@ def test_decode_step_takes_the_single_token_path(monkeypatch):
     """A decode step runs the recurrent one-token update, never the chunkwise kernel (O(1) per token)."""
     model = make_model("delta_net")
     with torch.no_grad():
-        cache = model(random_ids(1, 40), use_cache=True).past_key_values
+        cache = output_cache(model(random_ids(1, 40), use_cache=True))
 
     def refuse(*args, **kwargs):
         raise AssertionError("the chunk kernel ran during a decode step")
@@ -318,7 +319,7 @@ def test_decode_step_takes_the_single_token_path(monkeypatch):
     monkeypatch.setattr(ops, "sum_rule_chunk", refuse)
     with torch.no_grad():
         for seed in range(3):
-            cache = model(random_ids(1, 1, seed=seed), past_key_values=cache, use_cache=True).past_key_values
+            cache = output_cache(model(random_ids(1, 1, seed=seed), cache=cache, use_cache=True))
     assert cache.get_seq_length() == 43
 
 
@@ -329,7 +330,7 @@ def test_get_seq_length_and_crop():
     assert cache.get_seq_length() == 0
     cache.crop(0)  # an empty cache loses nothing
     ids, mask = left_pad([random_ids(1, 7)[0], random_ids(1, 3)[0]])
-    cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+    cache = output_cache(model(ids, attention_mask=mask, use_cache=True))
     assert cache.get_seq_length() == 7  # input columns, what generate() slices the next inputs by
     assert [cache.get_seq_length(i) for i in range(2)] == [7, 7]
     before = [t.clone() for _, _, t in cache_tensors(cache)]
@@ -344,7 +345,7 @@ def test_get_seq_length_and_crop():
 
 def _three_row_cache(model):
     ids = random_ids(3, 6, seed=40)
-    return ids, model(ids, use_cache=True).past_key_values
+    return ids, output_cache(model(ids, use_cache=True))
 
 
 @pytest.mark.parametrize("variant", ["conv_rotary_prenorm", "sum_attnorm"])
@@ -355,7 +356,7 @@ def test_reorder_repeat_and_select_rows(variant):
     def check(cache, rows):
         """After the row operation, row j of the cache must continue sequence rows[j]."""
         ids, _ = _three_row_cache(model)
-        out = model(nxt.expand(len(rows), -1), past_key_values=cache, use_cache=True)
+        out = model(nxt.expand(len(rows), -1), cache=cache, use_cache=True)
         for j, r in enumerate(rows):
             reference = full_logits(model, torch.cat([ids[r:r + 1], nxt], dim=1))[0, -2:]
             torch.testing.assert_close(out.logits[j], reference, rtol=1e-10, atol=1e-10)

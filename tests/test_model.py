@@ -7,6 +7,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import modeling_fwp.modeling_fwp as modeling
 from modeling_fwp import FWPCache, FWPConfig, FWPForCausalLM, FWPModel
+from modeling_fwp.compat import enable_activation_checkpointing, output_cache
 
 VOCAB = 61
 VARIANTS = {
@@ -182,7 +183,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(x, labels=x).loss.backward()
     plain = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    enable_activation_checkpointing(model)
     assert all(block.gradient_checkpointing for block in model.model.layers)
     model(x, labels=x).loss.backward()
     for a, p in zip(plain, model.parameters()):
@@ -195,9 +196,9 @@ def test_carried_segments_equal_one_long_forward(name):
     x = ids(2, 30)
     whole = model(x).logits
     first = model(x[:, :13], use_cache=True)
-    carried = first.past_key_values.detach()
+    carried = output_cache(first).detach()
     assert all(t.grad_fn is None for layer in carried.layers for t in layer.tensors())
-    second = model(x[:, 13:], past_key_values=carried)
+    second = model(x[:, 13:], cache=carried)
     torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), whole, rtol=1e-10, atol=1e-12)
 
 
@@ -207,13 +208,13 @@ def test_carried_state_is_detached_in_training():
     x = ids(2, 16)
     out = model(x[:, :8], labels=x[:, :8], use_cache=True)
     out.loss.backward()
-    out2 = model(x[:, 8:], labels=x[:, 8:], past_key_values=out.past_key_values.detach())
+    out2 = model(x[:, 8:], labels=x[:, 8:], cache=output_cache(out).detach())
     out2.loss.backward()  # would fail ("backward through the graph a second time") if the state were not cut
 
 
 def test_state_is_fp32_for_half_models():
     model = FWPForCausalLM(tiny_config()).to(torch.bfloat16)
-    cache = model(ids(1, 6), use_cache=True).past_key_values
+    cache = output_cache(model(ids(1, 6), use_cache=True))
     assert all(layer.fast_weights.dtype == torch.float32 for layer in cache.layers)
 
 
@@ -270,22 +271,22 @@ def test_bad_inputs_are_refused_with_a_clear_error():
         model(ids(1, 6), cu_seq_lens_q=torch.tensor([0, 3, 5], dtype=torch.int32))
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids(1, 6), attention_mask=torch.ones(1, 1, 6, 6))
-    cache = model(ids(2, 4), use_cache=True).past_key_values
+    cache = output_cache(model(ids(2, 4), use_cache=True))
     with pytest.raises(ValueError, match="past_key_values"):
-        model(ids(3, 2), past_key_values=cache)
+        model(ids(3, 2), cache=cache)
     with pytest.raises(TypeError, match="FWPCache"):
-        model(ids(1, 2), past_key_values=(torch.zeros(1),))
+        model(ids(1, 2), cache=(torch.zeros(1),))
     assert isinstance(cache, FWPCache)
 
 
 def test_a_failed_forward_leaves_the_cache_untouched(monkeypatch):
     model = tiny_model()
-    cache = model(ids(1, 5), use_cache=True).past_key_values
+    cache = output_cache(model(ids(1, 5), use_cache=True))
     before = [layer.fast_weights.clone() for layer in cache.layers]
     last_block = model.model.layers[-1]
     monkeypatch.setattr(last_block, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
     with pytest.raises(RuntimeError):
-        model(ids(1, 3), past_key_values=cache)
+        model(ids(1, 3), cache=cache)
     assert cache.get_seq_length() == 5
     assert all(torch.equal(a, layer.fast_weights) for a, layer in zip(before, cache.layers))
 
@@ -300,8 +301,8 @@ def test_segmented_inference_forward_equals_one_forward(name):
     with torch.no_grad():
         segmented = model(x, attention_mask=mask, use_cache=True, output_hidden_states=True)
     torch.testing.assert_close(segmented.logits, whole.logits, rtol=1e-10, atol=1e-12)
-    assert segmented.past_key_values.get_seq_length() == 23
-    for a, b in zip(segmented.past_key_values.layers, whole.past_key_values.layers):
+    assert output_cache(segmented).get_seq_length() == 23
+    for a, b in zip(output_cache(segmented).layers, output_cache(whole).layers):
         torch.testing.assert_close(a.fast_weights, b.fast_weights.detach())
     assert len(segmented.hidden_states) == 3 and segmented.hidden_states[0].shape == (2, 23, 24)
 
@@ -324,7 +325,7 @@ def test_segmented_prefill_embeds_and_keeps_one_segment_at_a_time():
 
 def test_cache_holds_no_view_of_a_larger_buffer():
     model = tiny_model(**VARIANTS["modern"])
-    cache = model(ids(2, 50), use_cache=True).past_key_values
+    cache = output_cache(model(ids(2, 50), use_cache=True))
     for layer in cache.layers:
         for t in layer.tensors():
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
@@ -348,6 +349,6 @@ def test_bf16_autocast_training_step_matches_fp32_closely():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, labels=x, use_cache=True)
     out.loss.backward()
-    assert out.past_key_values.layers[0].fast_weights.dtype == torch.float32
+    assert output_cache(out).layers[0].fast_weights.dtype == torch.float32
     assert abs(out.loss.item() - reference.item()) < 0.05
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
