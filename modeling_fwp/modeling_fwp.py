@@ -607,7 +607,7 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_hidden_states=None, logits_to_keep=0, cu_seqlens=None,
-                cu_seq_lens_q=None, past_key_values=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+                cu_seq_lens_q=None, past_key_values=None, num_items_in_batch=None, **kwargs):
         r"""
         cache / past_key_values (`FWPCache`, *optional*):
             The fast-weight state to continue from (updated in place); either name, as in `FWPModel.forward`.
@@ -615,7 +615,7 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
             Next-token targets (shifted inside the model); -100 is ignored. `num_items_in_batch` (a kwarg the Trainer
             passes) makes the loss a sum divided by it, so gradient accumulation is exact. The loss is computed in
             fp32 chunk by chunk (`losses.causal_lm_loss`), so no full fp32 copy of the logits is made.
-        shift_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+        shift_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*, a keyword argument):
             Targets already aligned with the logits (sequence / context-parallel training passes them); used instead
             of shifting `labels`.
         cu_seqlens / cu_seq_lens_q (`torch.IntTensor`, *optional*):
@@ -625,6 +625,9 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
             Only read to find packed documents. Positions (rotary / sinusoidal) are counted per sequence from the
             cache and the attention_mask, so they stay exact under padding, chunked prefill and continuation.
         """
+        # Read from kwargs, as in transformers' models: a `*label*` parameter in the signature would make the Trainer
+        # treat it as a required label column.
+        shift_labels = kwargs.pop("shift_labels", None)
         with_loss = labels is not None or shift_labels is not None
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

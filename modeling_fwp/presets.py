@@ -7,7 +7,17 @@ from pathlib import Path
 
 from .configuration_fwp import FWPConfig
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configuration" / "models"
+
+
+def configuration_dir() -> Path:
+    """configuration/ (model presets, training recipes, Accelerate configs): inside the package when installed from a
+    wheel (pyproject.toml ships it as modeling_fwp/configuration), beside the package in a repository checkout."""
+    package = Path(__file__).resolve().parent
+    installed = package / "configuration"
+    return installed if installed.is_dir() else package.parent / "configuration"
+
+
+PRESET_DIR = configuration_dir() / "models"
 # Bookkeeping keys of saved configs and presets that are not FWPConfig fields.
 NON_FIELDS = ("model_type", "transformers_version", "architectures", "auto_map")
 

@@ -58,7 +58,7 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
-RECIPE_DIR = REPO_ROOT / "configuration" / "recipes"
+RECIPE_DIR = presets.configuration_dir() / "recipes"
 DEFAULT_RECIPE = "tiny_cpu"
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "tokenizer.json", "tokenizer_config.json", "trainer_state.json")

@@ -1,7 +1,10 @@
-"""Constant-state generation (issue 3): FWPCache with generate(), exact in float64 on tiny models.
+"""Constant-state generation: FWPCache with generate(), exact in float64 on tiny models.
 
 Every cached path (generate, chunked prefill, multi-turn continuation, left padding, beams, sampling) is compared to
-full forwards over the whole sequence without any cache, which is the definition of the model's output.
+full forwards over the whole sequence without any cache, which is the definition of the model's output: each step's
+logits (`output_logits=True`), not only the tokens. The test models use a large init (HISTORY_INIT) so that their
+next-token logits depend strongly on the history: with the default init a decode that dropped the state would still
+pick the same tokens (test_a_dropped_state_is_caught shows the check catches one).
 """
 
 import copy
@@ -38,6 +41,7 @@ VARIANTS = {
     "sinusoidal": dict(position_embedding="sinusoidal"),
 }
 POSITIONAL = ["conv_rotary_prenorm", "sinusoidal"]  # outputs depend on each token's position
+HISTORY_INIT = 0.5  # initializer_range of the test models: changing the early tokens moves the last logits by ~1-3
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,7 +49,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_model(variant="delta_net", vocab_size=VOCAB, seed=0, **overrides) -> FWPForCausalLM:
     fields = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_heads=2, intermediate_size=64,
-                  chunk_size=16, pad_token_id=PAD)
+                  chunk_size=16, pad_token_id=PAD, initializer_range=HISTORY_INIT)
     fields.update(VARIANTS[variant])
     fields.update(overrides)
     torch.manual_seed(seed)
@@ -66,6 +70,20 @@ def argmax_loop(model, ids, new_tokens):
     for _ in range(new_tokens):
         ids = torch.cat([ids, full_logits(model, ids)[:, -1:].argmax(-1)], dim=1)
     return ids
+
+
+def assert_steps_equal_full_forward(model, out, histories, new_tokens=None):
+    """Each step's logits of a generate() output (`output_logits=True, return_dict_in_generate=True`) equal those of
+    a full forward without cache over the row's real tokens so far. `histories[row]` holds the row's real tokens
+    before this generate() (no pads); the generated tokens are the last columns of `out.sequences`. generate()
+    keeps its step logits in float32, so the float64 reference is compared at float32 precision."""
+    new_tokens = new_tokens or len(out.logits)
+    assert len(out.logits) == new_tokens
+    for row, history in enumerate(histories):
+        generated = out.sequences[row, -new_tokens:]
+        reference = full_logits(model, torch.cat([history, generated[:-1]])[None])[0, -new_tokens:]
+        steps = torch.stack([out.logits[step][row] for step in range(new_tokens)])
+        torch.testing.assert_close(steps, reference.float(), rtol=1e-5, atol=1e-5, msg=f"row {row}")
 
 
 def greedy(model, ids, new_tokens, **kwargs):
@@ -100,10 +118,34 @@ def assert_same_state(cache_a, cache_b, rows_a=slice(None), rows_b=slice(None)):
 def test_greedy_generate_equals_argmax_loop_without_cache(variant):
     model = make_model(variant)
     ids = random_ids(2, 9)
-    out = greedy(model, ids, 12, return_dict_in_generate=True)
+    out = greedy(model, ids, 12, return_dict_in_generate=True, output_logits=True)
     assert isinstance(output_cache(out), FWPCache)  # never a DynamicCache
     assert torch.equal(out.sequences, argmax_loop(model, ids, 12))
-    assert max(len(set(row[9:].tolist())) for row in out.sequences) > 2, "degenerate test: a constant continuation proves little"
+    assert_steps_equal_full_forward(model, out, ids)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_test_models_depend_on_their_history(variant):
+    """What makes the step-logit checks able to fail: other early tokens move the last logits by a lot."""
+    model = make_model(variant)
+    ids = random_ids(4, 12)
+    other = ids.clone()
+    other[:, :6] = random_ids(4, 6, seed=99)
+    change = (full_logits(model, ids)[:, -1] - full_logits(model, other)[:, -1]).abs().amax(-1)
+    assert (change > 0.3).all(), change
+
+
+def test_a_dropped_state_is_caught(monkeypatch):
+    """A decode that forgets the cache (transformers 5.24 passing `cache` to a forward that only read
+    `past_key_values` did exactly that) fails the step-logit check, even where the tokens happen to agree."""
+    import modeling_fwp.modeling_fwp as modeling
+
+    model = make_model("delta_net")
+    ids = random_ids(2, 9)
+    monkeypatch.setattr(modeling, "resolve_cache_argument", lambda cache, past_key_values: None)
+    out = greedy(model, ids, 6, return_dict_in_generate=True, output_logits=True)
+    with pytest.raises(AssertionError):
+        assert_steps_equal_full_forward(model, out, ids)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -125,14 +167,15 @@ def test_cached_forward_over_several_tokens_continues_the_state(variant):
 def test_prefill_chunk_size_in_generation_config(variant):
     model = make_model(variant)
     ids, mask = left_pad([random_ids(1, 21, seed=2)[0], random_ids(1, 6, seed=3)[0]])
-    reference = greedy(model, ids, 8, attention_mask=mask)
+    histories = [ids[0, -21:], ids[1, -6:]]
     # chunk of 5: the first chunk of row 1 is only pads (a zero-length sequence in that forward)
-    assert torch.equal(greedy(model, ids, 8, attention_mask=mask, prefill_chunk_size=5), reference)
+    chunked = greedy(model, ids, 8, attention_mask=mask, prefill_chunk_size=5, return_dict_in_generate=True,
+                     output_logits=True)
+    assert_steps_equal_full_forward(model, chunked, histories)
     model.generation_config.prefill_chunk_size = 7
-    assert torch.equal(greedy(model, ids, 8, attention_mask=mask), reference)
-    for row, length in ((0, 21), (1, 6)):
-        alone = greedy(model, ids[row:row + 1, -length:], 8)
-        assert torch.equal(reference[row:row + 1, -8 - length:], alone)
+    default = greedy(model, ids, 8, attention_mask=mask, return_dict_in_generate=True, output_logits=True)
+    assert_steps_equal_full_forward(model, default, histories)
+    assert torch.equal(default.sequences, chunked.sequences)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -143,8 +186,9 @@ def test_generate_continues_a_previous_generate_exactly(variant):
     history = torch.cat([first.sequences, random_ids(1, 5, seed=4)], dim=1)
     seen_before = output_cache(first).get_seq_length()
     assert seen_before == 8 + 6 - 1  # the last generated token has not been fed yet
-    second = greedy(model, history, 7, cache=output_cache(first), return_dict_in_generate=True)
+    second = greedy(model, history, 7, cache=output_cache(first), return_dict_in_generate=True, output_logits=True)
     assert torch.equal(second.sequences, argmax_loop(model, history, 7))
+    assert_steps_equal_full_forward(model, second, history)
     assert output_cache(second).get_seq_length() == history.shape[1] + 7 - 1
 
 
@@ -160,11 +204,12 @@ def test_multi_turn_continuation_of_a_left_padded_batch(variant):
     turn_ids, turn_mask = left_pad(turns)
     history = torch.cat([first.sequences, turn_ids], dim=1)
     history_mask = torch.cat([mask, torch.ones(2, 4, dtype=torch.long), turn_mask], dim=1)
-    second = greedy(model, history, 5, attention_mask=history_mask, cache=output_cache(first),
-                    prefill_chunk_size=2)  # the new turn is prefilled in chunks on top of the previous state
-    for row, (prompt, turn) in enumerate(zip(prompts, turns)):
-        alone = torch.cat([prompt[None], first.sequences[row:row + 1, -4:], turn[None]], dim=1)
-        assert torch.equal(second[row, -5:], argmax_loop(model, alone, 5)[0, -5:])
+    second = greedy(model, history, 5, attention_mask=history_mask, cache=output_cache(first), return_dict_in_generate=True,
+                    output_logits=True, prefill_chunk_size=2)  # the new turn is prefilled in chunks on the old state
+    alone = [torch.cat([prompt, first.sequences[row, -4:], turn]) for row, (prompt, turn) in enumerate(zip(prompts, turns))]
+    assert_steps_equal_full_forward(model, second, alone)
+    for row in range(2):
+        assert torch.equal(second.sequences[row, -5:], argmax_loop(model, alone[row][None], 5)[0, -5:])
 
 
 def test_continuation_with_more_rows_needs_the_cache_repeated():
@@ -188,7 +233,9 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(variant):
     model = make_model(variant)
     prompts = [random_ids(1, n, seed=10 + n)[0] for n in (11, 4, 1, 7)]
     ids, mask = left_pad(prompts)
-    out = greedy(model, ids, 9, attention_mask=mask, output_scores=True, return_dict_in_generate=True)
+    out = greedy(model, ids, 9, attention_mask=mask, output_scores=True, output_logits=True,
+                 return_dict_in_generate=True)
+    assert_steps_equal_full_forward(model, out, prompts)
     for row, prompt in enumerate(prompts):
         alone = greedy(model, prompt[None], 9, output_scores=True, return_dict_in_generate=True)
         assert torch.equal(out.sequences[row, -9:], alone.sequences[0, -9:]), f"row {row}"
@@ -205,7 +252,8 @@ def test_batch_of_one_with_padding_is_masked(variant):
     prompt = random_ids(1, 6, seed=20)
     padded = torch.cat([torch.full((1, 3), PAD), prompt], dim=1)
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], dim=1)
-    assert torch.equal(greedy(model, padded, 6, attention_mask=mask)[:, -6:], greedy(model, prompt, 6)[:, -6:])
+    out = greedy(model, padded, 6, attention_mask=mask, return_dict_in_generate=True, output_logits=True)
+    assert_steps_equal_full_forward(model, out, prompt)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -253,12 +301,18 @@ def test_positions_continue_per_row_under_left_padding(variant):
 def test_generate_without_cache_and_from_inputs_embeds():
     model = make_model("conv_rotary_prenorm", attention_normalization=True)
     ids, mask = left_pad([random_ids(1, 7)[0], random_ids(1, 3, seed=4)[0]])
-    reference = greedy(model, ids, 6, attention_mask=mask)
-    assert torch.equal(greedy(model, ids, 6, attention_mask=mask, use_cache=False), reference)
+    histories = [ids[0], ids[1, -3:]]
+    reference = greedy(model, ids, 6, attention_mask=mask, return_dict_in_generate=True, output_logits=True)
+    assert_steps_equal_full_forward(model, reference, histories)
+    uncached = greedy(model, ids, 6, attention_mask=mask, use_cache=False, return_dict_in_generate=True,
+                      output_logits=True)
+    assert_steps_equal_full_forward(model, uncached, histories)
     with torch.no_grad():
         embedded = model.generate(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask,
-                                  max_new_tokens=6, do_sample=False, pad_token_id=PAD)
-    assert torch.equal(embedded, reference[:, -6:])  # generate() returns only the new tokens for embeddings
+                                  max_new_tokens=6, do_sample=False, pad_token_id=PAD, return_dict_in_generate=True,
+                                  output_logits=True)
+    assert_steps_equal_full_forward(model, embedded, histories)  # only the new tokens come back for embeddings
+    assert torch.equal(embedded.sequences, reference.sequences[:, -6:])
 
 
 def test_low_precision_model_keeps_a_float32_state():

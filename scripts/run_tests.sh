@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the project and runs its tests on both ends of the transformers range pyproject.toml allows:
+#   1. the whole suite on the newest transformers release (an explicit upgrade, so an older copy already on the
+#      machine cannot hide a break), with the other fast-moving Hugging Face libraries upgraded too;
+#   2. the model, generation, remote-code, training and transformers-conformance tests on the oldest release, in a
+#      second virtual environment (.venv-oldest, built over this one's packages with only transformers pinned).
+# torch stays at the CPU build named below: a plain `pip install torch` would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+
+"$PYTHON" -m pip install torch==2.13.0
+"$PYTHON" -m pip install -e ".[dev]"
+"$PYTHON" -m pip install --upgrade "transformers<6" accelerate datasets tokenizers huggingface_hub safetensors
+echo "== newest: transformers $("$PYTHON" -c 'import transformers; print(transformers.__version__)')"
+"$PYTHON" -m pytest -q tests
+
+OLDEST=$(sed -n 's/.*"transformers>=\([0-9.]*\).*/\1/p' pyproject.toml)
+"$PYTHON" -m venv --system-site-packages .venv-oldest
+.venv-oldest/bin/python -m pip install -q "transformers==$OLDEST"
+echo "== oldest: transformers $(.venv-oldest/bin/python -c 'import transformers; print(transformers.__version__)')"
+.venv-oldest/bin/python -m pytest -q tests/test_model.py tests/test_generation.py tests/test_remote_code.py \
+    tests/test_train.py tests/test_transformers_common.py
