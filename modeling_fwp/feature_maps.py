@@ -90,7 +90,9 @@ class FavorPlus(nn.Module):
     def redraw(self, generator=None):
         """New random features; pass a seeded CPU `generator` to make the draw reproducible across processes."""
         fresh = orthogonal_gaussian_matrix(*self.projection.shape, generator=generator)
-        self.projection.copy_(fresh.to(self.projection.device, self.projection.dtype))
+        # A new tensor, not an in-place copy: a previous forward's graph may still hold the old matrix for its backward
+        # (two training forwards before one backward, as preference-tuning losses do).
+        self.projection = fresh.to(self.projection.device, self.projection.dtype)
 
     def forward(self, x):
         # exp in (at least) fp32: half precision overflows quickly here.

@@ -181,9 +181,11 @@ def rotary_embed(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torc
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def sinusoidal_embedding(positions: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
-    inv_freq = theta ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
-    angles = positions.float()[..., None] * inv_freq
+def sinusoidal_embedding(positions: torch.Tensor, dim: int, theta: float, dtype=torch.float32) -> torch.Tensor:
+    """[sin, cos] of positions * theta^(-2i/dim), computed in (at least) fp32."""
+    dtype = torch.promote_types(dtype, torch.float32)
+    inv_freq = theta ** (-torch.arange(0, dim, 2, device=positions.device, dtype=dtype) / dim)
+    angles = positions.to(dtype)[..., None] * inv_freq
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
@@ -485,7 +487,8 @@ class FWPModel(FWPPreTrainedModel):
 
         hidden = layout.pack(inputs_embeds)
         if self.config.position_embedding == "sinusoidal":
-            hidden = hidden + sinusoidal_embedding(layout.positions, self.config.hidden_size, self.config.rope_theta).to(hidden.dtype)
+            positional = sinusoidal_embedding(layout.positions, self.config.hidden_size, self.config.rope_theta, hidden.dtype)
+            hidden = hidden + positional.to(hidden.dtype)
         hidden = self.dropout(hidden)
         all_hidden = [] if output_hidden_states else None
         new_states = []

@@ -595,6 +595,7 @@ def test_text_streamer_prints_the_generated_text(tokenizer, capsys):
     assert torch.equal(out, argmax_loop(model, ids, out.shape[1] - ids.shape[1]))
 
 
+@pytest.mark.allow_deprecation  # transformers 5.17's pipeline itself passes generation_config with generation kwargs
 def test_text_generation_pipeline(tokenizer):
     model = text_model(tokenizer)
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)

@@ -12,6 +12,7 @@ import torch
 
 from modeling_fwp import FWPConfig, FWPForCausalLM
 from modeling_fwp import data as fwp_data
+from modeling_fwp.compat import activation_checkpointing_flag
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -124,12 +125,13 @@ def test_train_saves_a_loadable_model_and_reports_perplexity(trained):
         assert 1 < summary[key] < 320
     assert summary["sample"].startswith("ROMEO.") and len(summary["sample"]) > len("ROMEO.")
 
+    assert json.loads((output_dir / "config.json").read_text())["use_cache"] is True  # generation needs the state
     model = AutoModelForCausalLM.from_pretrained(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     assert isinstance(model, FWPForCausalLM) and len(tokenizer) == model.config.vocab_size == 320
     assert model.config.eos_token_id == tokenizer.eos_token_id
     generation = GenerationConfig.from_pretrained(output_dir)
-    assert generation.do_sample and generation.eos_token_id == tokenizer.eos_token_id
+    assert generation.do_sample and generation.eos_token_id in (tokenizer.eos_token_id, [tokenizer.eos_token_id])
     reloaded = train.parameter_checksum(model)
     original = json.loads((output_dir / "train_summary.json").read_text())
     assert original["validation_perplexity"] == summary["validation_perplexity"] and reloaded["sha256"]
@@ -154,10 +156,12 @@ def test_fine_tune_with_packing_checkpointing_and_time_budget(trained, mini_corp
     output_dir, _ = trained
     summary = train.main(run_args(mini_corpus, tmp_path / "tuned", "--model_name_or_path", str(output_dir),
                                   "--config_overrides", "dropout=0.0", "--packing", "true",
-                                  "--activation_checkpointing", "true", "--max_steps", "50", "--save_strategy", "no",
+                                  activation_checkpointing_flag(), "true", "--max_steps", "50", "--save_strategy", "no",
                                   "--max_train_minutes", "0.0001"))
     assert summary["validation_perplexity"] < 320
     assert len(logged_losses(tmp_path / "tuned")) == 1  # the time budget ended training after the first step
+    # activation checkpointing may switch the cache off for training; the saved model must not keep that
+    assert json.loads((tmp_path / "tuned" / "config.json").read_text())["use_cache"] is True
 
 
 def test_time_budget_anneals_by_steps_or_time(tmp_path):
