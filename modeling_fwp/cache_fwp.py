@@ -72,6 +72,44 @@ class FWPCache(Cache):
         layer.seen_tokens += new_columns
         layer.row_tokens = new_row_tokens if layer.row_tokens is None else layer.row_tokens + new_row_tokens
 
+    def snapshot(self) -> list[FWPLayerState]:
+        """What `restore` needs to undo the writes of a forward that failed midway. `write` replaces the layer
+        tensors instead of changing them in place, so references are enough."""
+        return [FWPLayerState(**vars(layer)) for layer in self.layers]
+
+    def restore(self, snapshot: list[FWPLayerState]):
+        for layer, saved in zip(self.layers, snapshot):
+            for name, value in vars(saved).items():
+                setattr(layer, name, value)
+
+    def check_compatible(self, config):
+        """Refuses a cache built by another model: the layer count and each stored part (fast weights, z, conv tail)
+        must be what `config` writes, with the same shapes, so a continuation never reads a foreign state."""
+        if len(self.layers) != config.num_hidden_layers:
+            raise ValueError(f"The cache has {len(self.layers)} layers but the model has "
+                             f"num_hidden_layers={config.num_hidden_layers}: it comes from another model.")
+        parts = {
+            "fast_weights": (True, (config.num_heads, config.key_dim, config.head_dim), "the fast weights"),
+            "z": (config.attention_normalization, (config.num_heads, config.key_dim),
+                  "the z accumulator (attention_normalization)"),
+            "conv_tail": (config.use_short_conv, (config.conv_size - 1, 3 * config.num_heads * config.head_dim),
+                          "the short-convolution tail (use_short_conv)"),
+        }
+        for index, layer in enumerate(self.layers):
+            if layer.fast_weights is None:
+                continue  # nothing written yet
+            for name, (needed, shape, what) in parts.items():
+                value = getattr(layer, name)
+                if needed and value is None:
+                    raise ValueError(f"The cache lacks {what} in layer {index}, which this model's config needs: it "
+                                     "comes from another model.")
+                if not needed and value is not None:
+                    raise ValueError(f"The cache holds {what} in layer {index}, which this model's config does not "
+                                     "use: it comes from another model.")
+                if value is not None and tuple(value.shape[1:]) != shape:
+                    raise ValueError(f"The cache's {name} in layer {index} has shape {tuple(value.shape)}, but this "
+                                     f"model writes [rows, {', '.join(map(str, shape))}]: it comes from another model.")
+
     def detach(self) -> "FWPCache":
         """A copy cut from the autograd graph: carry it into the next training segment (truncated backprop)."""
         copy = FWPCache(len(self.layers))

@@ -1,5 +1,10 @@
 """Configuration of the delta-rule Fast Weight Programmer (Schlag, Irie & Schmidhuber, ICML 2021)."""
 
+import difflib
+import inspect
+import math
+import warnings
+
 from transformers import PretrainedConfig
 
 UPDATE_RULES = ("delta", "sum")
@@ -139,6 +144,8 @@ class FWPConfig(PretrainedConfig):
         self.use_cache = use_cache
         self._fill_defaults()
         self.validate_fields()
+        self._check_special_tokens(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+        warn_unknown_keys(kwargs)
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -146,6 +153,18 @@ class FWPConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+
+    def _check_special_tokens(self, **ids):
+        """pad / bos / eos ids index the embedding: out of range they would silently pick another row (-1 is the
+        last token) or fail deep inside the model."""
+        for field, value in ids.items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for token in values:
+                if token is None and not isinstance(value, (list, tuple)):
+                    continue
+                if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < self.vocab_size:
+                    raise ValueError(f"FWPConfig.{field}={value!r} is not valid; it must be None or a token id in "
+                                     f"[0, vocab_size={self.vocab_size}).")
 
     def _fill_defaults(self):
         if self.head_dim is None and isinstance(self.hidden_size, int) and isinstance(self.num_heads, int):
@@ -203,8 +222,8 @@ class FWPConfig(PretrainedConfig):
             raise ValueError(f"FWPConfig.dropout={self.dropout!r} is not valid; it must be a float in [0, 1).")
         for field in ("qk_norm_eps", "layer_norm_eps", "initializer_range", "rope_theta"):
             value = getattr(self, field)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"FWPConfig.{field}={value!r} is not valid; it must be a number > 0.")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"FWPConfig.{field}={value!r} is not valid; it must be a finite number > 0.")
         for field in ("favor_redraw", "attention_normalization", "use_beta", "use_output_norm", "use_short_conv"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"FWPConfig.{field}={getattr(self, field)!r} is not valid; it must be True or False.")
@@ -224,4 +243,34 @@ class FWPConfig(PretrainedConfig):
         return self.num_heads * self.key_dim * self.head_dim
 
 
-__all__ = ["FWPConfig"]
+def config_field_names() -> list[str]:
+    """The fields FWPConfig itself defines (what presets and --config_overrides may set)."""
+    return [name for name in inspect.signature(FWPConfig.__init__).parameters if name not in ("self", "kwargs")]
+
+
+# Keys any transformers config (of this or another release) may carry besides a model's own fields.
+GENERIC_CONFIG_KEYS = set(inspect.signature(PretrainedConfig.__init__).parameters) | {
+    "architectures", "auto_map", "model_type", "transformers_version", "dtype", "torch_dtype", "output_attentions",
+    "output_hidden_states", "return_dict", "use_return_dict", "attn_implementation", "num_labels", "id2label",
+    "label2id", "problem_type", "tokenizer_class", "task_specific_params", "finetuning_task", "prefix", "is_decoder",
+    "is_encoder_decoder", "add_cross_attention", "tie_encoder_decoder", "decoder_start_token_id", "sep_token_id",
+    "chunk_size_feed_forward", "custom_pipelines", "torchscript", "pruned_heads", "cross_attention_hidden_size",
+    "base_model_tp_plan", "base_model_pp_plan", "base_model_ep_plan", "trust_remote_code", "name_or_path",
+    "experts_implementation", "per_layer_config", "quantization_config",
+}
+
+
+def warn_unknown_keys(kwargs: dict):
+    """transformers configs keep unknown keys, so a typo in a config.json (`hiden_size`, `num_layers`) would silently
+    change nothing: warn and name the closest field."""
+    fields = config_field_names()
+    for key in kwargs:
+        if key.startswith("_") or key in GENERIC_CONFIG_KEYS:
+            continue
+        closest = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+        hint = f"; did you mean {closest[0]!r}?" if closest else f"; FWPConfig's fields are: {', '.join(fields)}."
+        warnings.warn(f"FWPConfig: unknown key {key!r} is kept but not used by the model{hint}", UserWarning,
+                      stacklevel=3)
+
+
+__all__ = ["FWPConfig", "config_field_names"]

@@ -45,6 +45,18 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad, None, None
 
 
+def check_targets(targets, vocab_size: int, name: str = "labels"):
+    """Targets are token ids in [0, vocab_size) or IGNORE_INDEX; anything else would index the wrong logit or fail
+    inside the gather with an unhelpful message."""
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer token ids (or {IGNORE_INDEX} to ignore a position); got dtype "
+                         f"{targets.dtype}.")
+    bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):
+        raise ValueError(f"{name} holds {int(targets[bad][0])}, which is neither a token id in [0, vocab_size="
+                         f"{vocab_size}) nor {IGNORE_INDEX} (ignored).")
+
+
 def causal_lm_loss(logits, labels=None, num_items_in_batch=None, shift_labels=None, chunk_rows: int = 4096):
     """Loss of `logits` [B, T, V] predicting `labels` [B, T] shifted by one (as transformers' ForCausalLMLoss).
 
@@ -63,6 +75,7 @@ def causal_lm_loss(logits, labels=None, num_items_in_batch=None, shift_labels=No
         targets[:, :-1] = labels[:, 1:]
     else:
         targets = shift_labels
+    check_targets(targets, logits.shape[-1], name)
     targets = targets.reshape(-1).to(logits.device)
     total = _ChunkedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets, chunk_rows)
     if num_items_in_batch is None:

@@ -92,6 +92,45 @@ class SequenceLayout:
         return out.view(self.batch_size, self.seq_len, *x.shape[2:])
 
 
+def check_inputs(config, input_ids, inputs_embeds, attention_mask, cache):
+    """Refuses inputs the model would otherwise misread, naming what is wrong; returns the attention mask cut to the
+    current columns (generate() passes the mask of the whole history once the cache holds it)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+    if cache is not None and not isinstance(cache, FWPCache):
+        raise TypeError(f"The cache must be an FWPCache (or None); got {type(cache).__name__}.")
+    if input_ids is not None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be 2-D [batch, seq_len]; got shape {tuple(input_ids.shape)}"
+                             + (" (add the batch dimension: input_ids[None])." if input_ids.dim() == 1 else "."))
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids; got dtype {input_ids.dtype}.")
+    elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+        raise ValueError(f"inputs_embeds must be [batch, seq_len, hidden_size={config.hidden_size}]; got shape "
+                         f"{tuple(inputs_embeds.shape)}.")
+    batch_size, seq_len = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+    if batch_size == 0 or seq_len == 0:
+        raise ValueError(f"The input is empty (batch {batch_size}, seq_len {seq_len}): pass at least one token.")
+    if input_ids is not None and not torch.compiler.is_compiling():
+        low, high = torch.aminmax(input_ids)
+        if int(low) < 0 or int(high) >= config.vocab_size:
+            bad = int(low) if int(low) < 0 else int(high)
+            raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, vocab_size={config.vocab_size}).")
+    if cache is not None:
+        cache.check_compatible(config)
+    if attention_mask is None:
+        return None
+    past = 0 if cache is None else cache.get_seq_length()
+    longest = seq_len + past  # the whole history, as generate() passes it
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or not (
+            seq_len <= attention_mask.shape[1] <= longest):
+        allowed = f"[{batch_size}, {seq_len}]" + (f" (up to [{batch_size}, {longest}] with the history the cache "
+                                                  "holds)" if past else "")
+        raise ValueError(f"attention_mask must be a 2-D 0/1 mask of shape {allowed} for this input; got shape "
+                         f"{tuple(attention_mask.shape)}.")
+    return attention_mask[:, -seq_len:]
+
+
 def resolve_cache_argument(cache, past_key_values):
     """The cache passed as `cache` (transformers >= 5.24) or `past_key_values` (the older name)."""
     if cache is not None and past_key_values is not None:
@@ -452,17 +491,10 @@ class FWPModel(FWPPreTrainedModel):
             its length: only one segment's activations exist at a time.
         """
         past_key_values = resolve_cache_argument(cache, past_key_values)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(f"attention_mask must be a 2-D [batch, seq_len] 0/1 mask; got shape {tuple(attention_mask.shape)}.")
+        attention_mask = check_inputs(self.config, input_ids, inputs_embeds, attention_mask, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         batch_size, seq_len = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
-        if attention_mask is not None and attention_mask.shape[1] > seq_len:
-            attention_mask = attention_mask[:, -seq_len:]  # generate() passes the mask of the whole history
-        if past_key_values is not None and not isinstance(past_key_values, FWPCache):
-            raise TypeError(f"The cache must be an FWPCache (or None); got {type(past_key_values).__name__}.")
         if use_cache and past_key_values is None:
             past_key_values = FWPCache(config=self.config)
         segment = self.config.inference_segment_size
@@ -526,18 +558,23 @@ class FWPModel(FWPPreTrainedModel):
         cache = cache if cache is not None else FWPCache(config=self.config)
         inputs = input_ids if inputs_embeds is None else inputs_embeds
         kept, hidden_states = [], []
-        for start in range(0, inputs.shape[1], segment):
-            part = slice(start, start + segment)
-            out = self.forward(
-                input_ids=None if input_ids is None else input_ids[:, part],
-                inputs_embeds=None if inputs_embeds is None else inputs_embeds[:, part],
-                attention_mask=None if attention_mask is None else attention_mask[:, part],
-                cache=cache, use_cache=True, output_hidden_states=output_hidden_states, return_dict=True,
-            )
-            kept.append(out.last_hidden_state)
-            if keep_last_hidden > 0:  # only the tail that can still be among the last positions
-                kept = [torch.cat(kept, dim=1)[:, -keep_last_hidden:]]
-            hidden_states.append(out.hidden_states)
+        before = cache.snapshot()  # a segment that fails must not leave the earlier ones committed
+        try:
+            for start in range(0, inputs.shape[1], segment):
+                part = slice(start, start + segment)
+                out = self.forward(
+                    input_ids=None if input_ids is None else input_ids[:, part],
+                    inputs_embeds=None if inputs_embeds is None else inputs_embeds[:, part],
+                    attention_mask=None if attention_mask is None else attention_mask[:, part],
+                    cache=cache, use_cache=True, output_hidden_states=output_hidden_states, return_dict=True,
+                )
+                kept.append(out.last_hidden_state)
+                if keep_last_hidden > 0:  # only the tail that can still be among the last positions
+                    kept = [torch.cat(kept, dim=1)[:, -keep_last_hidden:]]
+                hidden_states.append(out.hidden_states)
+        except BaseException:
+            cache.restore(before)
+            raise
         if output_hidden_states:
             hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*hidden_states))
         return BaseModelOutputWithPast(

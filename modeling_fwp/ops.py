@@ -16,6 +16,8 @@ PyTorch chunkwise form, `ops_chunk.py`), "triton" (`ops_triton.py`), "fla" (`ops
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .ops_chunk import check_cu_seqlens_values, delta_rule_chunk, pack_to_padded, state_dtype_for, sum_rule_chunk
@@ -127,6 +129,11 @@ def _outside_autocast(q: torch.Tensor):
     return torch.autocast(q.device.type, enabled=False)
 
 
+def _triton_interpreter() -> bool:
+    """TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors (how CI tests their logic)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _pick_backend(backend: str, q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -149,6 +156,9 @@ def _pick_backend(backend: str, q: torch.Tensor, cu_seqlens: torch.Tensor | None
             "backend='fla' needs flash-linear-attention (pip install flash-linear-attention) and "
             f"modeling_fwp.ops_fla; import failed: {_FLA_IMPORT_ERROR}"
         )
+    if backend in ("triton", "fla") and not q.is_cuda and not (backend == "triton" and _triton_interpreter()):
+        raise ValueError(f"backend={backend!r} runs on CUDA tensors; these are on {q.device}. Use backend='auto' or "
+                         "'chunk' (chunkwise PyTorch) there.")
     return backend
 
 

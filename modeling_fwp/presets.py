@@ -1,11 +1,10 @@
 """Named model presets: the config JSON files in configuration/models/ (the paper's settings, tiny, 370M), and the
 "k=v,k=v" config overrides the scripts accept."""
 
-import inspect
 import json
 from pathlib import Path
 
-from .configuration_fwp import FWPConfig
+from .configuration_fwp import FWPConfig, config_field_names
 
 
 
@@ -46,7 +45,10 @@ def without_bookkeeping(fields: dict) -> dict:
 
 def load_preset(name_or_path: str, **overrides) -> FWPConfig:
     """FWPConfig from a preset name or a config JSON path; keyword overrides replace fields (and are validated like
-    any config value)."""
+    any config value; an override that is no FWPConfig field is an error, as a typo would change nothing)."""
+    unknown = sorted(set(overrides) - set(config_field_names()))
+    if unknown:
+        raise ValueError(f"load_preset: unknown FWPConfig field(s) {unknown}; allowed: {', '.join(config_field_names())}.")
     return FWPConfig(**{**preset_fields(name_or_path), **overrides})
 
 
@@ -64,7 +66,7 @@ def parse_config_overrides(text: str | None) -> dict:
             overrides[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
             overrides[key.strip()] = raw
-    allowed = [name for name in inspect.signature(FWPConfig.__init__).parameters if name not in ("self", "kwargs")]
+    allowed = config_field_names()
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise ValueError(f"--config_overrides: unknown FWPConfig field(s) {unknown}; allowed: {', '.join(allowed)}.")

@@ -236,14 +236,14 @@ def test_output_hidden_states_shapes():
 
 def test_favor_redraws_in_training_only_and_is_saved(tmp_path):
     model = tiny_model(**VARIANTS["favor_delta"])
-    projection = model.model.layers[0].attn.feature_map.projection
-    before = projection.clone()
+    feature_map = model.model.layers[0].attn.feature_map
+    before = feature_map.projection.clone()
     model.eval()
     model(ids(1, 5))
-    assert torch.equal(projection, before)
+    assert torch.equal(feature_map.projection, before)
     model.train()
     model(ids(1, 5))
-    assert not torch.equal(projection, before)
+    assert not torch.equal(feature_map.projection, before)
     model.eval()
     model.save_pretrained(tmp_path)
     reloaded = FWPForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
