@@ -76,7 +76,8 @@ class FWPConfig(PretrainedConfig):
     """
 
     model_type = "fwp"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # Output keys the Trainer leaves out of predictions: the state, under its name before and after transformers 5.24.
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
         self,

@@ -20,4 +20,4 @@ OLDEST=$(sed -n 's/.*"transformers>=\([0-9.]*\).*/\1/p' pyproject.toml)
 .venv-oldest/bin/python -m pip install -q "transformers==$OLDEST"
 echo "== oldest: transformers $(.venv-oldest/bin/python -c 'import transformers; print(transformers.__version__)')"
 .venv-oldest/bin/python -m pytest -q tests/test_model.py tests/test_generation.py tests/test_remote_code.py \
-    tests/test_train.py tests/test_transformers_common.py
+    tests/test_train.py tests/test_transformers_versions.py tests/test_bad_input.py tests/test_transformers_common.py
