@@ -186,4 +186,76 @@ class FWPCache(Cache):
         return f"FWPCache(layers={len(self.layers)}, seen_tokens={self.get_seq_length()}, bytes={self.state_nbytes()})"
 
 
-__all__ = ["FWPCache", "FWPLayerState"]
+class FWPStaticCache(FWPCache):
+    """An FWPCache whose tensors are allocated once, for `max_batch_size` rows, and updated in place.
+
+    `generate(..., cache_implementation="static")` builds it. Its memory never moves, so a decode step can be
+    captured (torch.compile with CUDA graphs, `FWPForCausalLM.get_compiled_call`) and replayed on the same buffers.
+    A zero state is the empty state (no write yet, no conv history, positions from 0), so the buffers start at zero
+    and the first forward needs no special case. Row operations that keep the row count (beam reordering) work in
+    place; ones that change it are refused: size the cache for `num_beams * num_return_sequences * batch` rows.
+    """
+
+    is_compileable = True
+
+    def __init__(self, config, max_batch_size: int, device=None, dtype=torch.float32):
+        super().__init__(config=config)
+        self.model_dtype = dtype
+        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # the state never goes below fp32
+        heads, key_dim, value_dim = config.num_heads, config.key_dim, config.head_dim
+        for layer in self.layers:
+            layer.fast_weights = torch.zeros(max_batch_size, heads, key_dim, value_dim, dtype=state_dtype, device=device)
+            if config.attention_normalization:
+                layer.z = torch.zeros(max_batch_size, heads, key_dim, dtype=state_dtype, device=device)
+            if config.use_short_conv:
+                layer.conv_tail = torch.zeros(max_batch_size, config.conv_size - 1, 3 * heads * value_dim, dtype=dtype,
+                                              device=device)
+            layer.row_tokens = torch.zeros(max_batch_size, dtype=torch.long, device=device)
+            for tensor in layer.tensors():  # in-place updates of these are allowed inside a captured graph
+                torch._dynamo.mark_static_address(tensor)
+
+    def write(self, layer_idx: int, fast_weights, z, conv_tail, new_columns: int, new_row_tokens: torch.Tensor):
+        layer = self.layers[layer_idx]
+        for buffer, value in ((layer.fast_weights, fast_weights), (layer.z, z), (layer.conv_tail, conv_tail)):
+            if buffer is not None and value is not None:
+                buffer.copy_(value)
+        layer.seen_tokens += new_columns
+        layer.row_tokens.add_(new_row_tokens)
+
+    def advance(self, new_columns: int):
+        """Counts columns a captured step consumed (the step itself updated the tensors)."""
+        for layer in self.layers:
+            layer.seen_tokens += new_columns
+
+    def snapshot(self) -> list[FWPLayerState]:
+        return [FWPLayerState(**{name: value.clone() if torch.is_tensor(value) else value
+                                 for name, value in vars(layer).items()}) for layer in self.layers]
+
+    def restore(self, snapshot: list[FWPLayerState]):
+        for layer, saved in zip(self.layers, snapshot):
+            for name, value in vars(saved).items():
+                if torch.is_tensor(value):
+                    getattr(layer, name).copy_(value)
+                else:
+                    setattr(layer, name, value)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        for layer in self.layers:
+            for tensor in layer.tensors():
+                tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        raise ValueError("FWPStaticCache has a fixed number of rows; allocate it for every row generate() will use "
+                         "(num_beams * num_return_sequences * batch).")
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        raise ValueError("FWPStaticCache has a fixed number of rows and cannot select a subset of them.")
+
+    def reset(self):
+        for layer in self.layers:
+            for tensor in layer.tensors():
+                tensor.zero_()
+            layer.seen_tokens = 0
+
+
+__all__ = ["FWPCache", "FWPLayerState", "FWPStaticCache"]

@@ -16,7 +16,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 
-from .cache_fwp import FWPCache
+from .cache_fwp import FWPCache, FWPStaticCache
 from .compat import CACHE_NAME, CHUNKED_PREFILL_REFEEDS_HISTORY, output_cache
 from .configuration_fwp import FWPConfig
 from .feature_maps import build_feature_map, normalize_qk
@@ -69,7 +69,8 @@ class SequenceLayout:
     Either `cu_seqlens` is None and hidden states stay [B, T, D] (every row is one sequence, no padding), or the
     real tokens are packed into [1, total, D] with `cu_seqlens` marking the N sequences (`unpad_index` maps them back
     to the flattened [B*T] grid). `positions` counts each token's place in its own sequence, continuing from the
-    cache; `row_tokens` is how many real tokens each of the N sequences adds in this forward.
+    cache; `row_tokens` is how many real tokens each of the N sequences adds in this forward. `backend`, when set,
+    overrides `config.kernel_backend` for the update rule (the captured decode step keeps to plain PyTorch ops).
     """
 
     batch_size: int
@@ -78,6 +79,7 @@ class SequenceLayout:
     row_tokens: torch.Tensor
     cu_seqlens: torch.Tensor | None = None
     unpad_index: torch.Tensor | None = None
+    backend: str | None = None
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         if self.unpad_index is None:
@@ -323,7 +325,7 @@ class FWPAttention(nn.Module):
             q, k = rotary_embed(q, layout.positions, cfg.rope_theta), rotary_embed(k, layout.positions, cfg.rope_theta)
         q, k = self._normalize(self.feature_map(q), fused), self._normalize(self.feature_map(k), fused)
         scale = self.head_dim ** -0.5  # the paper scales the read-out by 1/sqrt(d_head), whatever phi's size
-        common = dict(cu_seqlens=layout.cu_seqlens, backend=cfg.kernel_backend, chunk_size=cfg.chunk_size)
+        common = dict(cu_seqlens=layout.cu_seqlens, backend=layout.backend or cfg.kernel_backend, chunk_size=cfg.chunk_size)
 
         new_z = None
         if cfg.attention_normalization:
@@ -586,6 +588,7 @@ class FWPModel(FWPPreTrainedModel):
 
 class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _can_compile_fullgraph = True  # the decode step over an FWPStaticCache (get_compiled_call)
 
     def __init__(self, config: FWPConfig):
         super().__init__(config)
@@ -614,19 +617,106 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # generate() gets an FWPCache from the start (never a DynamicCache), so chunked prefill has a cache to fill.
         # It goes under the name the installed transformers passes to forward (`cache` from 5.24 on).
+        # "static" gives an FWPStaticCache, whose decode steps get_compiled_call captures.
         implementation = generation_config.cache_implementation
-        if implementation not in (None, "dynamic"):
+        if implementation not in (None, "dynamic", "static"):
             raise ValueError(
                 f"cache_implementation={implementation!r} is not supported by FWP models: their state is a fixed-size "
-                "FWPCache (use cache_implementation=None or 'dynamic', the default)."
+                "FWPCache. Use None / 'dynamic' (the default) or 'static' (captured decode steps)."
             )
         other_name = "past_key_values" if CACHE_NAME == "cache" else "cache"
         if model_kwargs.get(other_name) is not None:  # a user's cache under the other release's name
             model_kwargs[CACHE_NAME] = resolve_cache_argument(model_kwargs.get(CACHE_NAME), model_kwargs.pop(other_name))
         if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
-            model_kwargs[CACHE_NAME] = FWPCache(config=self.config)
+            if implementation == "static":
+                batch_size = args[1] if len(args) > 1 else kwargs["batch_size"]
+                rows = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * batch_size
+                model_kwargs[CACHE_NAME] = self._static_cache(rows)
+            else:
+                model_kwargs[CACHE_NAME] = FWPCache(config=self.config)
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def _static_cache(self, rows: int) -> FWPStaticCache:
+        """The model's FWPStaticCache for `rows` rows, reset and reused while rows, dtype and device stay the same (as
+        transformers does with its StaticCache): the same buffers keep the captured decode step valid, so a second
+        generate() replays it instead of compiling it again."""
+        cache = getattr(self, "_reused_static_cache", None)
+        layer = None if cache is None else cache.layers[0].fast_weights
+        if layer is None or cache.batch_size != rows or layer.device != self.device or cache.model_dtype != self.dtype:
+            cache = FWPStaticCache(self.config, rows, device=self.device, dtype=self.dtype)
+            self._reused_static_cache = cache
+        else:
+            cache.reset()
+        return cache
+
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
+                                      inputs_embeds=None, is_first_iteration=False, past_key_values=None, **kwargs):
+        kwargs[CACHE_NAME] = resolve_cache_argument(cache, past_key_values)
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs)
+        # For a compileable cache transformers builds a 4-D causal mask (even from no mask); the model reads the 2-D
+        # padding mask (pads never reach the state), so it gets that one, as with any other cache.
+        inputs["attention_mask"] = attention_mask
+        return inputs
+
+    def get_compiled_call(self, compile_config=None):
+        """What generate() calls for each decode step when the cache is compileable (an FWPStaticCache, on CUDA or
+        with a compile_config for all devices): a one-token step per row captured with torch.compile (CUDA graphs
+        with the default `mode="reduce-overhead"`) over the cache's fixed buffers. Anything else (a chunked prefill,
+        several tokens) runs the ordinary forward."""
+        compile_config = compile_config or self._default_compile_config()
+        # The fields themselves, not to_dict()'s deep copy, so a backend object (a callable) is used as given.
+        options = {name: getattr(compile_config, name) for name in ("fullgraph", "dynamic", "backend", "mode", "options")}
+        key = tuple((name, id(value) if callable(value) else repr(value)) for name, value in options.items())
+        if getattr(self, "_captured_options", None) != key:
+            self._captured_options = key
+            self._captured_step = torch.compile(self._captured_decode_step, **options)
+        step = self._captured_step
+
+        def call(input_ids=None, cache=None, past_key_values=None, inputs_embeds=None, **kwargs):
+            state = resolve_cache_argument(cache, past_key_values)
+            if not (isinstance(state, FWPStaticCache) and input_ids is not None and inputs_embeds is None
+                    and input_ids.dim() == 2 and input_ids.shape[1] == 1 and state.get_seq_length() > 0
+                    and kwargs.get("labels") is None and state.batch_size == input_ids.shape[0]):
+                return self(input_ids=input_ids, cache=state, inputs_embeds=inputs_embeds, **kwargs)
+            # generate() feeds each row one real token per step (finished rows get pads with mask 1), so the step
+            # needs no mask; positions continue from the cache's per-row counts.
+            logits = step(input_ids, [layer.tensors() for layer in state.layers])
+            state.advance(1)
+            # a CUDA-graph output is overwritten by the next replay: hand generate() its own copy
+            return CausalLMOutputWithPast(logits=logits.clone(), **{CACHE_NAME: state})
+
+        return call
+
+    def _captured_decode_step(self, input_ids, layer_tensors):
+        """One token per row from an FWPStaticCache, updating its buffers in place: no host sync and no branch on
+        data, so torch.compile(fullgraph=True) captures it whole. The maths is the forward's (the same blocks on
+        the same layout), with the update rule in its plain PyTorch one-step form."""
+        model, cfg = self.model, self.config
+        rows = layer_tensors[0][-1]  # layer 0's per-row token counts, read before the step advances them
+        layout = SequenceLayout(input_ids.shape[0], 1, positions=rows[:, None].clone(), row_tokens=torch.ones_like(rows),
+                                backend="recurrent")
+        hidden = model.embed_tokens(input_ids)
+        if cfg.position_embedding == "sinusoidal":
+            hidden = hidden + sinusoidal_embedding(layout.positions, cfg.hidden_size, cfg.rope_theta,
+                                                   hidden.dtype).to(hidden.dtype)
+        for block, tensors in zip(model.layers, layer_tensors):
+            fast_weights, *rest = tensors
+            z = rest.pop(0) if cfg.attention_normalization else None
+            conv_tail = rest.pop(0) if cfg.use_short_conv else None
+            hidden, new_fast_weights, new_z, new_tail = block(hidden, layout=layout, fast_weights=fast_weights, z=z,
+                                                              conv_tail=conv_tail, want_state=True)
+            fast_weights.copy_(new_fast_weights)
+            if z is not None:
+                z.copy_(new_z)
+            if conv_tail is not None:
+                conv_tail.copy_(new_tail)
+            rest[0].add_(1)  # this layer's row_tokens
+        if model.norm is not None:
+            hidden = model.norm(hidden)
+        return self.lm_head(hidden)
 
     def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
         cache = model_kwargs.get(CACHE_NAME)

@@ -68,7 +68,7 @@ def test_generate_takes_a_user_cache_under_the_current_name():
     torch.testing.assert_close(torch.stack(second.logits, 1), full.float(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("implementation", ["static", "offloaded", "quantized", "sliding_window"])
+@pytest.mark.parametrize("implementation", ["offloaded", "quantized", "sliding_window"])
 def test_cache_implementations_other_than_the_default_are_refused(implementation):
     with pytest.raises(ValueError, match=rf"cache_implementation='{implementation}' is not supported"):
         tiny().generate(ids(1, 4), max_new_tokens=2, cache_implementation=implementation, pad_token_id=0)
