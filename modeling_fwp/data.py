@@ -71,6 +71,63 @@ def _check_file(argument: str, path: str | None) -> None:
         raise FileNotFoundError(f"{argument}={path!r}: no such file.")
 
 
+def _open_decompressed(path: str):
+    """The file's bytes, decompressed by its suffix as `datasets` would; None for archives not checked here."""
+    import bz2
+    import gzip
+
+    name = path.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".xz"):
+        return lzma.open(path, "rb")
+    if name.endswith(".bz2"):
+        return bz2.open(path, "rb")
+    if name.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            return None
+        return zstandard.open(path, "rb")
+    if name.endswith(".zip"):
+        return None
+    return open(path, "rb")
+
+
+def _check_utf8(argument: str, path: str, chunk_size: int = 1 << 22) -> None:
+    """Refuses a data file that is not UTF-8 text, naming the file, the first bad byte, its offset and line.
+
+    `datasets` reads local files as UTF-8: a text file in another encoding fails with "An error occurred while
+    generating the dataset", and a JSON file loads and fails only later, on first use of the text.
+    """
+    import codecs
+
+    stream = _open_decompressed(path)
+    if stream is None:
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = lines = 0  # bytes and newlines before the current chunk
+    with stream:
+        while True:
+            chunk = stream.read(chunk_size)
+            pending = decoder.getstate()[0]  # the start of a character cut by the previous chunk
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                data = pending + chunk
+                position = offset - len(pending) + error.start
+                line = lines + data[:error.start].count(b"\n") + 1  # (pending holds no newline)
+                bad = data[error.start:error.end].hex(" ")
+                raise ValueError(
+                    f"{argument}={path!r} is not UTF-8 text: byte(s) 0x{bad} at byte offset {position} (line {line}) "
+                    f"cannot be decoded ({error.reason}). Convert the file to UTF-8 first, e.g. "
+                    f"`iconv -f latin1 -t utf-8 IN > OUT` for Latin-1 text.") from None
+            if not chunk:
+                return
+            offset += len(chunk)
+            lines += chunk.count(b"\n")
+
+
 def _builder_for(path: str) -> str:
     name = path.lower()
     for suffix in (".xz", ".gz", ".bz2", ".zst", ".zip"):
@@ -99,7 +156,8 @@ def load_raw_datasets(
 
     Sources, in order: a Hub dataset (`dataset_name`, `dataset_config`), local files (`train_file`, ...), or the
     embedded Shakespeare corpus. Without a validation split, whole documents of the training split are held out.
-    Missing files raise FileNotFoundError naming the argument, before anything is loaded.
+    Missing files raise FileNotFoundError naming the argument, and files that are not UTF-8 text a ValueError naming
+    the file and the first bad byte, before anything is loaded.
     """
     import datasets
 
@@ -121,6 +179,8 @@ def load_raw_datasets(
         if len(builders) > 1:
             raise ValueError(f"train_file / validation_file / test_file must share one format; got {files}.")
         builder = builders.pop()
+        for split, path in files.items():
+            _check_utf8("train_file" if split == "train" else f"{split}_file", path)
         kwargs = {"sample_by": text_sample_by} if builder == "text" else {}
         raw = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir, **kwargs)
     else:

@@ -78,21 +78,39 @@ def load_or_train_tokenizer(train_texts: list[str], vocab_size: int = 8192, cach
         digest.update(b"\x00")
     folder = Path(cache_dir or default_cache_dir()) / f"{kind}-{digest.hexdigest()[:16]}-v{vocab_size}"
     name = {"bpe": "byte-level BPE", "word": "word-level"}[kind]
+    corrupt = False
     if (folder / "tokenizer.json").is_file():
-        log(f"Reusing the {name} tokenizer in {folder}")
-        return PreTrainedTokenizerFast.from_pretrained(folder)
+        try:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+        except Exception as error:  # cut short, edited, or written by an incompatible `tokenizers`
+            reason = " ".join(str(error).split())[:200] or type(error).__name__
+            log(f"The cached tokenizer {folder / 'tokenizer.json'} cannot be read ({reason}); rebuilding it "
+                "(the cache is keyed by the training text, so the rebuilt tokenizer has the same ids)")
+            corrupt = True
+        else:
+            log(f"Reusing the {name} tokenizer in {folder}")
+            return tokenizer
     log(f"Training a {name} tokenizer (vocabulary {vocab_size}) on {len(train_texts)} training documents")
     train = train_byte_level_bpe if kind == "bpe" else train_word_level
     tokenizer = train(train_texts, vocab_size=vocab_size)
     # Write to a temporary folder, then rename, so concurrent processes never read a half-written tokenizer.
-    temporary = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-    tokenizer.save_pretrained(temporary)
-    try:
-        os.replace(temporary, folder)
-    except OSError:  # another process got there first: keep its copy
-        import shutil
+    import shutil
 
+    from .files import install_folder, temporary_sibling
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_sibling(folder, "writing")
+    try:
+        tokenizer.save_pretrained(temporary)
+        if corrupt:
+            install_folder(temporary, folder)  # replaces the unreadable copy
+        else:
+            os.replace(temporary, folder)
+    except OSError:  # another process got there first: keep its copy
         shutil.rmtree(temporary, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     return tokenizer
 
 

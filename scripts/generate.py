@@ -7,6 +7,10 @@
 A single prompt is streamed token by token (TextStreamer); a prompt file (one prompt per line, blank lines skipped)
 is generated as one left-padded batch. The state carried from token to token has a fixed size whatever the context
 length, so long prompts can be prefilled in chunks (--prefill_chunk_size) to bound the prefill's activation memory.
+
+A prompt that encodes to no tokens (`--prompt ""`) starts from the tokenizer's BOS token, as a document does in
+training; with a tokenizer that has none it is an error. Prompt token ids the model has no embedding row for (a
+tokenizer larger than the model's vocab_size) are an error naming the id, not an index error inside the model.
 """
 
 import argparse
@@ -23,7 +27,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="saved model folder (save_pretrained) or a preset name (random weights)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="one prompt, streamed as it is generated")
+    source.add_argument("--prompt", help="one prompt, streamed as it is generated ('' starts from the BOS token)")
     source.add_argument("--prompt_file", help="text file with one prompt per line, generated as a batch")
     source.add_argument("--prompt_ids", help="comma-separated token ids (for a preset without tokenizer)")
     parser.add_argument("--tokenizer", help="tokenizer folder or Hub name (default: the model folder)")
@@ -122,6 +126,40 @@ def read_prompts(args):
         fail(f"--prompt_ids must be comma-separated integers, got {args.prompt_ids!r}")
 
 
+def encode_prompts(args, tokenizer, prompts):
+    """The prompts as one left-padded batch; a prompt of no tokens becomes the BOS token (an error without one)."""
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    empty = (inputs["attention_mask"].sum(-1) == 0).nonzero().flatten().tolist()
+    if empty:
+        what = ("--prompt is empty" if args.prompt is not None else
+                f"prompt {empty[0] + 1} of --prompt_file ({prompts[empty[0]]!r}) encodes to no tokens")
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            fail(f"{what} and the tokenizer has no BOS token to start from: give a prompt of at least one token")
+        if inputs["input_ids"].shape[1] == 0:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
+            inputs["input_ids"] = torch.full((len(prompts), 1), pad, dtype=torch.long)
+            inputs["attention_mask"] = torch.zeros((len(prompts), 1), dtype=torch.long)
+        inputs["input_ids"][empty, -1] = bos
+        inputs["attention_mask"][empty, -1] = 1
+    return inputs
+
+
+def check_ids_fit(inputs, tokenizer, vocab_size):
+    """Every prompt token (and the padding of a batch) must have a row in the model's embedding."""
+    ids = inputs["input_ids"][inputs["attention_mask"].bool()]
+    outside = ids[(ids < 0) | (ids >= vocab_size)]
+    if outside.numel():
+        bad = int(outside[0])
+        fail(f"the prompt's token id {bad} ({tokenizer.convert_ids_to_tokens(bad)!r}) is outside the model's "
+             f"vocabulary [0, {vocab_size}): the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+             f"{vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
+    pad = tokenizer.pad_token_id
+    if inputs["input_ids"].shape[0] > 1 and pad is not None and not 0 <= pad < vocab_size:
+        fail(f"the tokenizer's pad token id {pad} ({tokenizer.pad_token!r}) is outside the model's vocabulary "
+             f"[0, {vocab_size}) (vocab_size {vocab_size}); a batch needs a pad token the model has a row for")
+
+
 def main(argv=None):
     args = parse_args(argv)
     from transformers import GenerationConfig, TextStreamer
@@ -133,13 +171,18 @@ def main(argv=None):
     model = model.to(device).eval()
     tokenizer = load_tokenizer(args, from_folder)
 
+    vocab_size = model.config.vocab_size
     if isinstance(prompts[0], list):
-        if max(prompts[0]) >= model.config.vocab_size or min(prompts[0]) < 0:
-            fail(f"--prompt_ids must lie in [0, {model.config.vocab_size})")
+        outside = [token for token in prompts[0] if not 0 <= token < vocab_size]
+        if outside:
+            fail(f"--prompt_ids: token id {outside[0]} is outside the model's vocabulary [0, {vocab_size}) "
+                 f"(vocab_size {vocab_size})")
         inputs = {"input_ids": torch.tensor(prompts, device=device)}
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     else:
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        inputs = encode_prompts(args, tokenizer, prompts)
+        check_ids_fit(inputs, tokenizer, vocab_size)
+        inputs = inputs.to(device)
 
     pad_id = tokenizer.pad_token_id if tokenizer is not None else model.config.pad_token_id
     eos_id = tokenizer.eos_token_id if tokenizer is not None else model.config.eos_token_id

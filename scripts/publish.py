@@ -90,24 +90,6 @@ def check_paths(output_dir: Path, build_dir: Path, overwrite: bool) -> tuple[Pat
     return output_dir, build_dir
 
 
-def install(tmp: Path, build_dir: Path) -> None:
-    """Put the finished tmp folder at build_dir. A replaced folder is moved aside first and restored on failure,
-    so build_dir always holds either the old folder or the complete new one."""
-    if build_dir.exists() and not any(build_dir.iterdir()):
-        build_dir.rmdir()
-    if not build_dir.exists():
-        os.rename(tmp, build_dir)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{build_dir.name}.old-", dir=build_dir.parent))
-    os.rename(build_dir, aside / "old")
-    try:
-        os.rename(tmp, build_dir)
-    except BaseException:
-        os.rename(aside / "old", build_dir)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 def list_files(folder: Path) -> list[tuple[str, int]]:
     return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
 
@@ -264,11 +246,13 @@ def quiet_transformers():
 
 
 def build(output_dir: Path, build_dir: Path, args) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{build_dir.name}.building-", dir=build_dir.parent))
+    from modeling_fwp.files import install_folder, temporary_sibling  # shared with scripts/train.py
+
+    tmp = temporary_sibling(build_dir, "building")
     try:
         with quiet_transformers():
             build_into(tmp, output_dir, args)
-        install(tmp, build_dir)
+        install_folder(tmp, build_dir)  # build_dir holds the old folder or the complete new one, never a mix
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -28,8 +28,11 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +50,7 @@ from modeling_fwp import data as fwp_data  # noqa: E402
 from modeling_fwp import presets  # noqa: E402
 from modeling_fwp import tokenizer_utils  # noqa: E402
 from modeling_fwp.compat import CACHE_NAME, output_cache  # noqa: E402
+from modeling_fwp.files import move_files_into  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     GenerationConfig,
@@ -62,6 +66,13 @@ RECIPE_DIR = presets.configuration_dir() / "recipes"
 DEFAULT_RECIPE = "tiny_cpu"
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "tokenizer.json", "tokenizer_config.json", "trainer_state.json")
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+# Weight files a save may write (one file or shards); those of an older save that a new one lacks are removed.
+WEIGHT_FILES = re.compile(r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
+                          r"pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json)$")
+# Keys of a saved config.json that do not change the model a checkpoint holds: written by save_pretrained, set by
+# the Trainer for training (use_cache), or chosen at load time (dtype).
+CONFIG_BOOKKEEPING = ("transformers_version", "architectures", "auto_map", "dtype", "torch_dtype", "use_cache")
 
 
 @dataclass
@@ -75,8 +86,11 @@ class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "A saved FWP model (folder or Hub name) to fine-tune instead of training a preset from scratch."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={
-        "help": "Any tokenizer (Hub name or folder). Default: the one saved with --model_name_or_path, else one "
-                "trained on the training split with the model's vocab_size (cached), see --tokenizer_type."})
+        "aliases": ["--tokenizer"],
+        "help": "Any tokenizer (Hub name or folder). Default: the one saved with the checkpoint resumed from "
+                "or with --model_name_or_path (a model folder without one is refused: a new tokenizer would give its "
+                "ids other meanings), else one trained on the training split with the model's vocab_size (cached), "
+                "see --tokenizer_type."})
     tokenizer_type: str = field(default="bpe", metadata={
         "help": "Kind of tokenizer trained when none is given: 'bpe' (byte-level BPE) or 'word' (whitespace "
                 "words, the paper's WikiText-103 setting: perplexity per word)."})
@@ -120,10 +134,13 @@ class RunArguments:
         "help": "Allow writing into an output_dir that already holds a model or checkpoints."})
     sample_prompt: str = field(default="", metadata={"help": "Prompt of the sample printed at the end."})
     sample_max_new_tokens: int = field(default=200, metadata={"help": "Length of that sample in tokens."})
-    max_train_minutes: float | None = field(default=None, metadata={
+    # Read as text so that "none" can lift a recipe's limit; parse_arguments turns it into a float (or None).
+    max_train_minutes: str | None = field(default=None, metadata={
         "help": "Stop training (then evaluate and save as usual) once this many minutes of training have passed, "
                 "even before max_steps: a wall-clock budget for slow or busy machines. The learning rate then warms "
-                "up and decays (cosine) over whichever runs out first, steps or time (replaces lr_scheduler_type)."})
+                "up and decays (cosine) over whichever runs out first, steps or time (replaces lr_scheduler_type). "
+                "A number of minutes > 0 (0 is refused, not read as 'no limit'); 'none', or no flag and no recipe "
+                "value, for no limit."})
     torch_num_threads: int | None = field(default=None, metadata={
         "help": "CPU threads per process for PyTorch (default: PyTorch's choice, all cores). On a machine busy with "
                 "other jobs, 1 avoids threads waiting on each other."})
@@ -179,7 +196,38 @@ def parse_arguments(argv: list[str] | None = None):
     if data_args.packing and data_args.carry_state:
         raise ValueError("--packing and --carry_state exclude each other: packing resets the state at every "
                          "document, carry-over keeps it across segments.")
+    run_args.max_train_minutes = parse_minutes(run_args.max_train_minutes)
+    if model_args.model_name_or_path and model_args.model_name_or_path.startswith("~"):
+        model_args.model_name_or_path = os.path.expanduser(model_args.model_name_or_path)
     return model_args, data_args, run_args, training_args
+
+
+def parse_minutes(text) -> float | None:
+    """--max_train_minutes: a number > 0, or None for no limit ('none' or absent)."""
+    if text is None or str(text).strip().lower() == "none":
+        return None
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = math.nan
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise ValueError(f"--max_train_minutes={text} is not a time budget: it must be a number of minutes > 0; omit "
+                         "the flag for no limit (or pass 'none' to lift a recipe's limit).")
+    return minutes
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether a --model_name_or_path that is not an existing folder must have meant one: it is written like a path
+    (./x, ../x, /x, ~/x, x/, C:\\x, a/b/c) or is no valid Hub model id. "user/model" and "gpt2" are Hub ids."""
+    if name.startswith((".", "/", "~")) or "\\" in name or name.endswith("/") or re.match(r"^[A-Za-z]:", name):
+        return True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
 
 
 def build_config(model_args: ModelArguments):
@@ -188,9 +236,21 @@ def build_config(model_args: ModelArguments):
         from transformers import AutoConfig
 
         path = model_args.model_name_or_path
-        if Path(path).exists() and not (Path(path) / "config.json").is_file():
-            raise FileNotFoundError(f"--model_name_or_path {path!r} holds no config.json: not a saved model folder.")
-        config = AutoConfig.from_pretrained(path)
+        if Path(path).exists():
+            if not (Path(path) / "config.json").is_file():
+                raise FileNotFoundError(f"--model_name_or_path {path!r} holds no config.json: not a saved model "
+                                        "folder.")
+            config = AutoConfig.from_pretrained(path)
+        elif looks_like_local_path(path):
+            raise FileNotFoundError(f"--model_name_or_path {path!r}: no such local folder (and, written like this, "
+                                    "it is no Hub model id either).")
+        else:
+            try:
+                config = AutoConfig.from_pretrained(path)
+            except OSError as error:
+                reason = " ".join(str(error).split())[:300]
+                raise OSError(f"--model_name_or_path {path!r}: there is no local folder of that name, and loading it "
+                              f"as a Hub model id failed: {reason}") from error
         if config.model_type != FWPConfig.model_type:
             raise ValueError(f"--model_name_or_path {path!r} is a {config.model_type!r} model, not an FWP model.")
         values = {**presets.without_bookkeeping(config.to_dict()), **overrides}
@@ -214,21 +274,116 @@ def check_output_dir(output_dir: str, overwrite: bool, resume) -> None:
                          "choose another --output_dir.")
 
 
-def resolve_resume(value: str | None, output_dir: str):
-    """--resume_from_checkpoint: 'true'/'last' -> the newest checkpoint in output_dir, or a checkpoint folder."""
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is not whole (None if its header parses and the file is as long as it says)."""
+    try:
+        with open(path, "rb") as file:
+            header_size = int.from_bytes(file.read(8), "little")
+            header = json.loads(file.read(header_size)) if 0 < header_size < 100_000_000 else None
+    except (OSError, ValueError):
+        header = None
+    if not isinstance(header, dict):
+        return f"{path.name} has no valid header"
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if path.stat().st_size < 8 + header_size + end:
+        return f"{path.name} is cut short"
+    return None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What a checkpoint-N folder lacks to be resumed from, or None when it is complete.
+
+    Trainer._save_checkpoint writes the model (config.json, weights, tokenizer), then optimizer, scheduler, scaler
+    and RNG state, and trainer_state.json last: a save that was cut short lacks trainer_state.json (or holds a file
+    cut short, when the filesystem wrote the files out of order).
+    """
+    folder = Path(folder)
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json, which the Trainer writes last"
+    for name in ("trainer_state.json", "config.json"):
+        try:
+            json.loads((folder / name).read_text())
+        except FileNotFoundError:
+            return f"no {name}"
+        except ValueError:
+            return f"{name} is cut short or not JSON"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError):
+            return f"{index.name} is cut short or not a weight index"
+    elif (folder / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    elif (folder / "pytorch_model.bin").is_file() or any(folder.glob("pytorch_model_fsdp_*")) or any(
+            folder.glob("global_step*")):  # torch.save / FSDP sharded / DeepSpeed layouts
+        shards = []
+    else:
+        return "no model weights (model.safetensors)"
+    for name in shards:
+        if not (folder / name).is_file():
+            return f"no {name}"
+        problem = _safetensors_problem(folder / name)
+        if problem:
+            return problem
+    # torch.save writes zip archives, whose directory comes last: a file cut short is no zip file.
+    for path in [folder / "pytorch_model.bin", folder / "optimizer.pt", folder / "scheduler.pt",
+                 folder / "scaler.pt", *sorted(folder.glob("rng_state*.pth"))]:
+        if path.is_file() and not zipfile.is_zipfile(path):
+            return f"{path.name} is cut short"
+    return None
+
+
+def resolve_resume(value: str | None, output_dir: str, log=print):
+    """--resume_from_checkpoint: 'true'/'last' -> the newest complete checkpoint in output_dir (incomplete ones, e.g.
+    of a run killed while saving, are skipped with a message), or a checkpoint folder (refused when incomplete)."""
     if value is None or value.lower() in ("false", "none", ""):
         return None
     if value.lower() in ("true", "last"):
-        from transformers.trainer_utils import get_last_checkpoint
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if last is None:
+        pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+        folders = sorted((p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                          if pattern.match(p.name) and p.is_dir()),
+                         key=lambda p: int(pattern.match(p.name).group(1)), reverse=True) \
+            if Path(output_dir).is_dir() else []
+        if not folders:
             raise ValueError(f"--resume_from_checkpoint {value}: output_dir {output_dir!r} holds no checkpoint-* "
                              "folder to resume from.")
-        return last
+        skipped = []
+        for folder in folders:
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                return str(folder)
+            skipped.append(f"{folder.name} ({problem})")
+            log(f"Skipping {folder}: incomplete checkpoint ({problem}), probably cut short while saving; a save "
+                f"at step {pattern.match(folder.name).group(1)} writes it again.")
+        raise ValueError(f"--resume_from_checkpoint {value}: output_dir {output_dir!r} holds no complete checkpoint "
+                         f"to resume from: {'; '.join(skipped)}.")
     if not Path(value).is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {value!r}: no such checkpoint folder.")
+    problem = checkpoint_problem(Path(value))
+    if problem:
+        raise ValueError(f"--resume_from_checkpoint {value!r} is an incomplete checkpoint ({problem}), probably cut "
+                         "short while saving; pass an earlier checkpoint, or 'last' for the newest complete one.")
     return value
+
+
+def check_resume_config(config: FWPConfig, checkpoint: str) -> None:
+    """Refuses to resume a checkpoint as another model than the one it holds (e.g. with other --config_overrides):
+    the weights would load (same shapes) and train on as a different model, silently."""
+    saved_fields = presets.without_bookkeeping(json.loads((Path(checkpoint) / "config.json").read_text()))
+    saved, current = FWPConfig(**saved_fields).to_dict(), config.to_dict()
+    differ = sorted(key for key in set(saved) | set(current)
+                    if not key.startswith("_") and key not in CONFIG_BOOKKEEPING and saved.get(key) != current.get(key))
+    if differ:
+        changes = ", ".join(f"{key} (checkpoint {saved.get(key)!r}, this run {current.get(key)!r})" for key in differ)
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint}: the checkpoint holds another model than this run would train; "
+            f"its config.json differs in {changes}. Resume with the --preset / --config_overrides (and tokenizer) of "
+            f"the run that saved it, or train the changed model from its weights in a new run: --model_name_or_path "
+            f"{checkpoint} with another --output_dir.")
 
 
 # ------------------------------------------------------------------------------------------------------- trainer
@@ -341,13 +496,40 @@ class TimeBudget(TrainerCallback):
 
 # ---------------------------------------------------------------------------------------------------- main steps
 
+def has_tokenizer(folder) -> bool:
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def check_tokenizer_source(model_args, resume) -> None:
+    """Fine-tuning needs the tokenizer the model was trained with: refuses a model folder that has none (a tokenizer
+    trained now would give the model's token ids other meanings) unless --tokenizer names one."""
+    path = model_args.model_name_or_path
+    if model_args.tokenizer_name_or_path or not path or not Path(path).is_dir() or has_tokenizer(path):
+        return
+    if resume and has_tokenizer(resume):  # the tokenizer the interrupted run trained with
+        return
+    raise ValueError(
+        f"--model_name_or_path {path!r} holds no tokenizer (no {' or '.join(TOKENIZER_FILES)}), and fine-tuning "
+        "needs the one the model was trained with: a tokenizer trained now would give its token ids other meanings. "
+        "Pass it with --tokenizer NAME_OR_PATH (e.g. the output_dir of the run that trained the model).")
+
+
 def load_tokenizer(model_args, training_args, resume, train_texts, vocab_size, log):
     if model_args.tokenizer_name_or_path:
         return tokenizer_utils.load_tokenizer(model_args.tokenizer_name_or_path)
-    for folder in (model_args.model_name_or_path, resume and training_args.output_dir):
-        if folder and Path(folder).is_dir() and (Path(folder) / "tokenizer_config.json").is_file():
+    # A resumed run keeps the tokenizer it trained with; a fine-tuned model the one it was trained with.
+    for folder in (resume, model_args.model_name_or_path, resume and training_args.output_dir):
+        if folder and Path(folder).is_dir() and has_tokenizer(folder):
             log(f"Using the tokenizer saved in {folder}")
             return tokenizer_utils.load_tokenizer(folder)
+    name = model_args.model_name_or_path
+    if name and not Path(name).exists():  # a Hub model: its own tokenizer
+        try:
+            return tokenizer_utils.load_tokenizer(name)
+        except (OSError, ValueError) as error:
+            reason = " ".join(str(error).split())[:300]
+            raise ValueError(f"--model_name_or_path {name!r}: its tokenizer could not be loaded ({reason}); pass the "
+                             "tokenizer the model was trained with as --tokenizer NAME_OR_PATH.") from error
     return tokenizer_utils.load_or_train_tokenizer(train_texts, vocab_size=vocab_size, log=log,
                                                    kind=model_args.tokenizer_type)
 
@@ -402,17 +584,48 @@ def parameter_checksum(model) -> dict:
     return {"sha256": digest.hexdigest(), "sum": total}
 
 
+def save_final_model(trainer: Trainer, output_dir: str, use_cache: bool) -> None:
+    """Trainer.save_model into a temporary folder beside output_dir, then moved into place (config.json last), so a
+    run killed while saving leaves output_dir with its previous model or with none, never half of one. Checkpoints
+    and other files in output_dir stay where they are. Every process calls this (a sharded model is gathered)."""
+    target = Path(output_dir).resolve()
+    staging = target.parent / f".{target.name}.saving"  # the same name in every process
+    model_config = trainer.accelerator.unwrap_model(trainer.model).config
+    training_use_cache, model_config.use_cache = model_config.use_cache, use_cache  # the Trainer turned it off
+    writer = trainer.args.should_save
+    try:
+        if writer:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
+        trainer.save_model(str(staging))  # model, tokenizer (processing_class), generation config, training args
+        if writer:
+            if target.is_dir():
+                stale = [p.name for p in target.iterdir() if WEIGHT_FILES.match(p.name)]
+                move_files_into(staging, target, commit="config.json", stale=stale)
+            else:
+                os.rename(staging, target)
+    except BaseException:
+        if writer:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        model_config.use_cache = training_use_cache
+    trainer.accelerator.wait_for_everyone()
+
+
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, run_args, training_args = parse_arguments(argv)
-    # Every check that can refuse the run happens here, before anything is written.
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
-    check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, resume)
-    config = build_config(model_args)
     main_process = training_args.process_index == 0
 
     def log(message):
         if main_process:
             print(message, flush=True)
+
+    # Every check that can refuse the run happens here, before anything is written.
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, log)
+    check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, resume)
+    config = build_config(model_args)
+    check_tokenizer_source(model_args, resume)
 
     if run_args.torch_num_threads:
         torch.set_num_threads(run_args.torch_num_threads)
@@ -427,6 +640,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer_utils.check_vocab_fits(tokenizer, config.vocab_size)
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
+    if resume:
+        check_resume_config(config, resume)
 
     with training_args.main_process_first(desc="tokenizing"):
         tokenized = fwp_data.tokenize_documents(raw, tokenizer, data_args.text_column,
@@ -449,11 +664,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"{len(train_dataset)} training rows of <= {data_args.block_size} tokens, layout "
         f"{'carried streams' if data_args.carry_state else 'packed pieces' if data_args.packing else 'blocks'}")
 
+    use_cache = config.use_cache  # the Trainer sets it to TrainingArguments.use_cache (False) for training
+    time_budget = TimeBudget(run_args.max_train_minutes) if run_args.max_train_minutes is not None else None
     trainer = FWPTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          data_collator=collator, processing_class=tokenizer, carry_state=data_args.carry_state,
-                         time_budget=TimeBudget(run_args.max_train_minutes) if run_args.max_train_minutes else None)
+                         time_budget=time_budget)
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()  # model, tokenizer (processing_class) and generation config
+    save_final_model(trainer, training_args.output_dir, use_cache)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
