@@ -2,7 +2,9 @@
 
 Our FWP model (the "deltanet-370m" preset) side by side, in the same run, with fla's DeltaNetForCausalLM of the same
 size (when `fla` imports) and transformers' LlamaForCausalLM (sdpa) of the same size. Weights are random (speed and
-memory do not depend on them), in bf16; decoding is eager greedy `generate()` with a fixed number of new tokens.
+memory do not depend on them), in bf16; decoding is greedy `generate()` with a fixed number of new tokens: eager for
+"fwp", "fla" and "llama"; captured for "fwp_static" and "llama_static" (`cache_implementation="static"`, which on
+CUDA compiles the decode step and replays it with CUDA graphs).
 
     python scripts/bench_generate.py --json bench_generate.json                # GPU, the full grid
     python scripts/bench_generate.py --tiny --device cpu                       # smoke test of the script itself
@@ -13,6 +15,7 @@ Per case (model, batch, prompt length), after a warm-up run of the same shape:
   ms_per_token  (total_s - prefill_s) / (N - 1): the cost of one decode step (N - 1 forwards of one token)
   peak_gb       torch.cuda.max_memory_allocated during the timed runs, reset per case (weights included)
   cache_mb      bytes held by the returned cache (a constant-size state for FWP and fla, the KV cache for Llama)
+  warmup_s      the first generate() of the shape: kernel autotuning, and for the captured models compile + capture
 A case that runs out of memory is recorded as "OOM" and the grid goes on; results are rewritten to --json after every
 case so an interrupted run keeps what it measured.
 """
@@ -28,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-MODELS = ("fwp", "fla", "llama")
+MODELS = ("fwp", "fwp_static", "fla", "llama", "llama_static")
+STATIC = ("fwp_static", "llama_static")  # generate(cache_implementation="static"): the captured decode step
 
 
 def generated_cache(out):
@@ -125,7 +129,8 @@ def build_llama(size, args):
     return LlamaForCausalLM(config)
 
 
-BUILDERS = {"fwp": build_fwp, "fla": build_fla, "llama": build_llama}
+BUILDERS = {"fwp": build_fwp, "fwp_static": build_fwp, "fla": build_fla, "llama": build_llama,
+            "llama_static": build_llama}
 
 
 def unavailable_reason(name, device):
@@ -163,9 +168,12 @@ def cache_nbytes(cache, depth=0, seen=None):
     return 0
 
 
-def timed_generate(model, input_ids, new_tokens, args, device):
+def timed_generate(model, input_ids, new_tokens, args, device, static=False):
     kwargs = dict(attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                   do_sample=False, num_beams=1, pad_token_id=0, return_dict_in_generate=True)
+    if static:
+        kwargs["cache_implementation"] = "static"
+        kwargs["max_cache_len"] = input_ids.shape[1] + args.new_tokens  # one Llama cache size per case
     if args.prefill_chunk_size:
         kwargs["prefill_chunk_size"] = args.prefill_chunk_size
     sync(device)
@@ -187,15 +195,17 @@ def run_case(model, name, batch, length, args, device):
     generator = torch.Generator().manual_seed(batch * 100_003 + length)
     ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=generator).to(device)
     row = dict(model=name, batch=batch, prompt_len=length, new_tokens=args.new_tokens)
+    static = name in STATIC
     try:
-        timed_generate(model, ids, 2, args, device)  # warm-up of this shape (kernel autotuning, allocator)
+        # warm-up of this shape (kernel autotuning, allocator; compile and capture for the static models)
+        row["warmup_s"] = round(timed_generate(model, ids, 4, args, device, static)[0], 2)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         prefills, totals = [], []
         for _ in range(args.repeats):
-            prefills.append(timed_generate(model, ids, 1, args, device)[0])
-            total, out = timed_generate(model, ids, args.new_tokens, args, device)
+            prefills.append(timed_generate(model, ids, 1, args, device, static)[0])
+            total, out = timed_generate(model, ids, args.new_tokens, args, device, static)
             totals.append(total)
         row["cache_mb"] = round(cache_nbytes(generated_cache(out)) / 2**20, 2)
         del out
@@ -245,7 +255,7 @@ def markdown_table(results, models):
     shapes = sorted({(r["batch"], r["prompt_len"]) for r in results["cases"]})
     header = ["batch", "prompt"]
     metrics = (("prefill s", "prefill_s", "{:.3f}"), ("ms/token", "ms_per_token", "{:.2f}"),
-               ("peak GB", "peak_gb", "{:.2f}"), ("cache MB", "cache_mb", "{:.1f}"))
+               ("peak GB", "peak_gb", "{:.2f}"), ("cache MB", "cache_mb", "{:.1f}"), ("warm-up s", "warmup_s", "{:.1f}"))
     for title, _, _ in metrics:
         header += [f"{m} {title}" for m in models]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -310,7 +320,8 @@ def main(argv=None):
             torch.cuda.empty_cache()
     write_outputs(results, args)
     env = results["environment"]
-    print(f"\n{env.get('gpu', env['device'])}, {env['dtype']}, {args.new_tokens} new tokens, eager greedy generate()\n")
+    print(f"\n{env.get('gpu', env['device'])}, {env['dtype']}, {args.new_tokens} new tokens, greedy generate() "
+          "(*_static: captured decode)\n")
     print(markdown_table(results, args.models))
 
 
