@@ -309,6 +309,8 @@ class FWPAttention(nn.Module):
         self.feature_map = build_feature_map(config.feature_map, self.head_dim, config.dpfp_nu, config.favor_features)
         if config.use_output_norm:
             self.o_norm = FWPRMSNorm(self.head_dim, eps=config.layer_norm_eps, config=config)
+        if config.use_gate:
+            self.g_proj = nn.Linear(config.hidden_size, inner, bias=False)
         self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
 
     def forward(self, x, layout: SequenceLayout, fast_weights=None, z=None, conv_tail=None, want_state=False):
@@ -332,6 +334,8 @@ class FWPAttention(nn.Module):
             q_denominator, k_denominator, new_z = self._z_denominators(q, k, z, want_state, common, acc)
         if cfg.update_rule == "delta":
             beta = torch.sigmoid(self.b_proj(x).to(acc)) if cfg.use_beta else x.new_ones(b, t, self.num_heads, dtype=acc)
+            if cfg.allow_neg_eigval:  # beta in (0, 2): I - beta k k^T may have a negative eigenvalue
+                beta = 2.0 * beta
             if cfg.attention_normalization:
                 # Normalised retrieval v_bar = S^T k / d with d = z_{t-1}.k_t (Eqs. 26-28; d = 1 at a sequence's first
                 # token). u = beta (v - S^T k / d) = (beta / d) (d v - S^T k): the plain delta rule with those inputs.
@@ -345,7 +349,11 @@ class FWPAttention(nn.Module):
                                        output_final_state=want_state, **common)
         if cfg.attention_normalization:
             o = (o.to(acc) / (q_denominator[..., None] + cfg.qk_norm_eps)).to(o.dtype)
-        if cfg.use_output_norm:
+        if cfg.use_gate:  # fla's FusedRMSNormGated order: norm, then * silu(g), in fp32 with one final rounding
+            gate = F.silu(self.g_proj(x).view(b, t, self.num_heads, self.head_dim).to(acc))
+            normed = self.o_norm(o, out_dtype=acc, fused=fused) if cfg.use_output_norm else o.to(acc)
+            o = (normed * gate).to(o.dtype)
+        elif cfg.use_output_norm:
             o = self.o_norm(o, fused=fused)
         return self.o_proj(o.reshape(b, t, -1)), fast_weights, new_z, new_tail
 
@@ -661,6 +669,11 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
         inputs["attention_mask"] = attention_mask
         return inputs
 
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """generate() asks a model with a compileable cache for 4-D causal masks at every step; the model reads the
+        2-D padding mask as it is, so none is built (it would cost host time in every captured decode step)."""
+        return attention_mask
+
     def get_compiled_call(self, compile_config=None):
         """What generate() calls for each decode step when the cache is compileable (an FWPStaticCache, on CUDA or
         with a compile_config for all devices): a one-token step per row captured with torch.compile (CUDA graphs
@@ -702,10 +715,11 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
         if cfg.position_embedding == "sinusoidal":
             hidden = hidden + sinusoidal_embedding(layout.positions, cfg.hidden_size, cfg.rope_theta,
                                                    hidden.dtype).to(hidden.dtype)
+        z_at, tail_at = 1, 1 + int(cfg.attention_normalization)  # where FWPLayerState.tensors() puts each part
         for block, tensors in zip(model.layers, layer_tensors):
-            fast_weights, *rest = tensors
-            z = rest.pop(0) if cfg.attention_normalization else None
-            conv_tail = rest.pop(0) if cfg.use_short_conv else None
+            fast_weights, row_tokens = tensors[0], tensors[-1]
+            z = tensors[z_at] if cfg.attention_normalization else None
+            conv_tail = tensors[tail_at] if cfg.use_short_conv else None
             hidden, new_fast_weights, new_z, new_tail = block(hidden, layout=layout, fast_weights=fast_weights, z=z,
                                                               conv_tail=conv_tail, want_state=True)
             fast_weights.copy_(new_fast_weights)
@@ -713,7 +727,7 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
                 z.copy_(new_z)
             if conv_tail is not None:
                 conv_tail.copy_(new_tail)
-            rest[0].add_(1)  # this layer's row_tokens
+            row_tokens.add_(1)
         if model.norm is not None:
             hidden = model.norm(hidden)
         return self.lm_head(hidden)
