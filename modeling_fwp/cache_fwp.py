@@ -183,7 +183,7 @@ class FWPCache(Cache):
             self.layers[i] = FWPLayerState()
 
     def __repr__(self):
-        return f"FWPCache(layers={len(self.layers)}, seen_tokens={self.get_seq_length()}, bytes={self.state_nbytes()})"
+        return f"{type(self).__name__}(layers={len(self.layers)}, seen_tokens={self.get_seq_length()}, bytes={self.state_nbytes()})"
 
 
 class FWPStaticCache(FWPCache):

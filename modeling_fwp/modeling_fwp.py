@@ -683,16 +683,16 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
         # The fields themselves, not to_dict()'s deep copy, so a backend object (a callable) is used as given.
         options = {name: getattr(compile_config, name) for name in ("fullgraph", "dynamic", "backend", "mode", "options")}
         key = tuple((name, id(value) if callable(value) else repr(value)) for name, value in options.items())
-        if getattr(self, "_captured_options", None) != key:
-            self._captured_options = key
-            self._captured_step = torch.compile(self._captured_decode_step, **options)
-        step = self._captured_step
+        if getattr(self, "_captured_options", None) == key:
+            return self._compiled_call
+        step = torch.compile(self._captured_decode_step, **options)
 
         def call(input_ids=None, cache=None, past_key_values=None, inputs_embeds=None, **kwargs):
             state = resolve_cache_argument(cache, past_key_values)
             if not (isinstance(state, FWPStaticCache) and input_ids is not None and inputs_embeds is None
                     and input_ids.dim() == 2 and input_ids.shape[1] == 1 and state.get_seq_length() > 0
-                    and kwargs.get("labels") is None and state.batch_size == input_ids.shape[0]):
+                    and kwargs.get("labels") is None and state.batch_size == input_ids.shape[0]
+                    and not kwargs.get("output_hidden_states")):
                 return self(input_ids=input_ids, cache=state, inputs_embeds=inputs_embeds, **kwargs)
             # generate() feeds each row one real token per step (finished rows get pads with mask 1), so the step
             # needs no mask; positions continue from the cache's per-row counts.
@@ -701,6 +701,8 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
             # a CUDA-graph output is overwritten by the next replay: hand generate() its own copy
             return CausalLMOutputWithPast(logits=logits.clone(), **{CACHE_NAME: state})
 
+        # the attributes transformers' own get_compiled_call keeps (its generation tests look for them)
+        self._captured_options, self._compiled_call, self._last_compile_config = key, call, compile_config
         return call
 
     def _captured_decode_step(self, input_ids, layer_tensors):
