@@ -50,6 +50,12 @@ class FWPConfig(PretrainedConfig):
             the delta rule it also normalises the retrieval by z_{t-1} . phi(k_t) (the paper's types 44-46).
         use_beta (`bool`, *optional*, defaults to `True`): learned per-head learning rate beta = sigmoid(W_beta x);
             `False` means beta = 1. Only used by the delta rule.
+        allow_neg_eigval (`bool`, *optional*, defaults to `False`): doubles beta, so it lies in (0, 2) (2 without
+            use_beta) and the update I - beta k k^T can have a negative eigenvalue (Grazzi et al. 2024; fla's
+            `allow_neg_eigval`). Only used by the delta rule.
+        use_gate (`bool`, *optional*, defaults to `False`): output gate: the read-out (after the output norm, if
+            any) is multiplied by SiLU(W_g x) per channel before the output projection, computed in fp32 (fla's
+            `use_gate`, whose FusedRMSNormGated computes rmsnorm(o) * silu(g)).
         position_embedding (`str`, *optional*, defaults to `"none"`): `"none"` (the paper's best setting),
             `"sinusoidal"` (absolute, added to the embeddings) or `"rotary"` (applied to q and k before phi).
         rope_theta (`float`, *optional*, defaults to 10000.0): base of the rotary and sinusoidal frequencies.
@@ -96,6 +102,8 @@ class FWPConfig(PretrainedConfig):
         qk_norm_eps=1e-5,
         attention_normalization=False,
         use_beta=True,
+        allow_neg_eigval=False,
+        use_gate=False,
         position_embedding="none",
         rope_theta=10000.0,
         block_style="post_ln",
@@ -130,6 +138,8 @@ class FWPConfig(PretrainedConfig):
         self.qk_norm_eps = qk_norm_eps
         self.attention_normalization = attention_normalization
         self.use_beta = use_beta
+        self.allow_neg_eigval = allow_neg_eigval
+        self.use_gate = use_gate
         self.position_embedding = position_embedding
         self.rope_theta = rope_theta
         self.block_style = block_style
@@ -225,7 +235,8 @@ class FWPConfig(PretrainedConfig):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"FWPConfig.{field}={value!r} is not valid; it must be a finite number > 0.")
-        for field in ("favor_redraw", "attention_normalization", "use_beta", "use_output_norm", "use_short_conv"):
+        for field in ("favor_redraw", "attention_normalization", "use_beta", "allow_neg_eigval", "use_gate",
+                      "use_output_norm", "use_short_conv"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"FWPConfig.{field}={getattr(self, field)!r} is not valid; it must be True or False.")
 

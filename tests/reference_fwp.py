@@ -9,7 +9,8 @@ Conventions the project chose, mirrored here (PAPER.md section numbers in bracke
 - Order in a layer: q, k, v projections -> optional short causal depthwise conv + SiLU on [q; k; v] -> rotary on
   q, k -> phi -> qk normalisation (sum or l2, with qk_norm_eps inside the denominator) -> update rule [1d, 5].
 - Delta rule: v_bar = W_{t-1} phi(k_t); W_t = W_{t-1} + beta_t (v_t - v_bar) phi(k_t)^T; y_t = W_t phi(q_t)
-  [1b], with beta_t = sigmoid(w_beta . x_t) per head (1 with use_beta=False). Sum rule: W_t = W_{t-1} + v_t phi(k_t)^T.
+  [1b], with beta_t = sigmoid(w_beta . x_t) per head (1 with use_beta=False), doubled with allow_neg_eigval (fla's
+  option, beyond the paper). Sum rule: W_t = W_{t-1} + v_t phi(k_t)^T.
 - Every read-out is scaled by 1/sqrt(head_dim), whatever phi's size [1c].
 - Attention normalisation [1c, Eqs. 26-28]: z_t = z_{t-1} + phi(k_t); the output is
   y_t = (W_t phi(q_t) / sqrt(head_dim)) / (z_t . phi(q_t) + eps), eps = qk_norm_eps added after the scale. With
@@ -22,7 +23,8 @@ Conventions the project chose, mirrored here (PAPER.md section numbers in bracke
   w_i = theta^(-2i/D) to the embeddings. Positions count the sequence's tokens from 0.
 - Blocks: post_ln (paper): h = LN(h + attn(h)); h = LN(h + FFN_relu(h)), FFN with biases, no final norm.
   pre_norm: h = h + attn(RMS(h)); h = h + SwiGLU(RMS(h)), no biases, final RMSNorm. The per-head output RMSNorm
-  (weight shared by the heads) comes after the attention normalisation, before o_proj.
+  (weight shared by the heads) comes after the attention normalisation, before o_proj. use_gate (fla's output
+  gate, beyond the paper) then multiplies each read-out channel by silu(w_g . x_t), x_t the layer's input.
 """
 
 import math
@@ -129,6 +131,8 @@ def fast_weight_layer(x, w, config):
         beta = sigmoid(x @ w["b_proj.weight"].T)  # [T, H]
     else:
         beta = torch.ones(x.shape[0], heads, dtype=x.dtype)
+    if config.allow_neg_eigval:
+        beta = 2.0 * beta
     projection = w.get("feature_map.projection")
     eps = config.qk_norm_eps
     outputs = torch.zeros(x.shape[0], heads, d, dtype=x.dtype)
@@ -158,6 +162,8 @@ def fast_weight_layer(x, w, config):
             outputs[t, h] = y
     if config.use_output_norm:
         outputs = rms_norm(outputs, w["o_norm.weight"], config.layer_norm_eps)
+    if config.use_gate:
+        outputs = outputs * silu(x @ w["g_proj.weight"].T).reshape(x.shape[0], heads, d)
     return outputs.reshape(x.shape[0], heads * d) @ w["o_proj.weight"].T
 
 

@@ -136,13 +136,13 @@ def test_test_models_depend_on_their_history(variant):
 
 
 def test_a_dropped_state_is_caught(monkeypatch):
-    """A decode that forgets the cache (transformers 5.24 passing `cache` to a forward that only read
+    """A decode that forgets the state (transformers 5.24 passing `cache` to a forward that only read
     `past_key_values` did exactly that) fails the step-logit check, even where the tokens happen to agree."""
-    import modeling_fwp.modeling_fwp as modeling
+    from modeling_fwp.cache_fwp import FWPLayerState
 
     model = make_model("delta_net")
     ids = random_ids(2, 9)
-    monkeypatch.setattr(modeling, "resolve_cache_argument", lambda cache, past_key_values: None)
+    monkeypatch.setattr(FWPCache, "__getitem__", lambda self, index: FWPLayerState())  # every layer reads nothing
     out = greedy(model, ids, 6, return_dict_in_generate=True, output_logits=True)
     with pytest.raises(AssertionError):
         assert_steps_equal_full_forward(model, out, ids)

@@ -24,6 +24,8 @@ FIELDS = {
     "qk_norm": ["sum", "l2", "none"],
     "attention_normalization": [False, True],
     "use_beta": [True, False],
+    "allow_neg_eigval": [False, True],
+    "use_gate": [False, True],
     "position_embedding": ["none", "sinusoidal", "rotary"],
     "block_style": ["post_ln", "pre_norm"],
     "use_short_conv": [False, True],
@@ -146,6 +148,8 @@ PADDED_FAMILIES = {  # one per family of layer maths
     "favor_sum": dict(update_rule="sum", feature_map="favor", qk_norm="none", attention_normalization=True),
     "modern": dict(block_style="pre_norm", feature_map="silu", qk_norm="l2", use_short_conv=True,
                    position_embedding="rotary", tie_word_embeddings=True),
+    "fla_gated": dict(block_style="pre_norm", feature_map="identity", qk_norm="l2", use_short_conv=True,
+                      use_gate=True, allow_neg_eigval=True),  # what modeling_fwp.convert_fla makes of fla's options
 }
 
 
