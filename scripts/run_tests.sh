@@ -3,7 +3,9 @@
 #   1. the whole suite on the newest transformers release (an explicit upgrade, so an older copy already on the
 #      machine cannot hide a break), with the other fast-moving Hugging Face libraries upgraded too;
 #   2. the model, generation, remote-code, training and transformers-conformance tests on the oldest release, in a
-#      second virtual environment (.venv-oldest, built over this one's packages with only transformers pinned).
+#      second virtual environment (.venv-oldest): it sees this environment's packages (a .pth file adds its
+#      site-packages, which works whether this one is a virtual environment or not) and holds only transformers
+#      (and what that release pins) itself.
 # torch stays at the CPU build named below: a plain `pip install torch` would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +18,10 @@ echo "== newest: transformers $("$PYTHON" -c 'import transformers; print(transfo
 "$PYTHON" -m pytest -q tests
 
 OLDEST=$(sed -n 's/.*"transformers>=\([0-9.]*\).*/\1/p' pyproject.toml)
-"$PYTHON" -m venv --system-site-packages .venv-oldest
+PARENT_SITE=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+"$PYTHON" -m venv .venv-oldest
+OLDEST_SITE=$(.venv-oldest/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "import site; site.addsitedir('$PARENT_SITE')" > "$OLDEST_SITE/_parent_environment.pth"
 .venv-oldest/bin/python -m pip install -q "transformers==$OLDEST"
 echo "== oldest: transformers $(.venv-oldest/bin/python -c 'import transformers; print(transformers.__version__)')"
 .venv-oldest/bin/python -m pytest -q tests/test_model.py tests/test_generation.py tests/test_remote_code.py \
