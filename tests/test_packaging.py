@@ -37,10 +37,15 @@ def test_wheel_holds_code_presets_recipes_and_corpus(wheel):
 
 def test_installed_wheel_loads_presets_and_the_corpus_from_another_folder(wheel, tmp_path):
     env_dir = tmp_path / "venv"
-    # Over this interpreter's packages (torch, transformers, ...), with the wheel's modeling_fwp in front of the
-    # editable checkout.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(env_dir)], check=True, timeout=300)
+    # A new environment that sees this interpreter's packages (torch, transformers, ...) through a .pth file (which,
+    # unlike --system-site-packages, also works when this interpreter is itself a virtual environment), with the
+    # wheel's modeling_fwp installed in front of them.
+    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True, timeout=300)
     python = env_dir / "bin" / "python"
+    site_of = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    parent = subprocess.run([sys.executable, "-c", site_of], capture_output=True, text=True, check=True).stdout.strip()
+    own = subprocess.run([str(python), "-c", site_of], capture_output=True, text=True, check=True).stdout.strip()
+    Path(own, "_parent_environment.pth").write_text(f"import site; site.addsitedir({parent!r})\n")
     install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
                              capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-3000:]
