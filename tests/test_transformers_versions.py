@@ -1,13 +1,14 @@
 """What changed between the transformers releases the project supports (5.17 to the newest): the cache's name
 (`past_key_values` -> `cache` in 5.24), the output conventions transformers' own models follow, and the names of
-the activation-checkpointing API. These run on both ends of the range (scripts/run_tests.sh)."""
+the activation-checkpointing API (tests/test_model.py::test_gradient_checkpointing_gives_the_same_gradients goes
+through `compat.enable_activation_checkpointing`). These run on both ends of the range (scripts/run_tests.sh)."""
 
 import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
 from modeling_fwp import FWPCache, FWPConfig, FWPForCausalLM, FWPModel
-from modeling_fwp.compat import CACHE_NAME, TRANSFORMERS_VERSION, enable_activation_checkpointing, output_cache
+from modeling_fwp.compat import CACHE_NAME, TRANSFORMERS_VERSION, output_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 50
@@ -110,19 +111,6 @@ def test_hidden_states_under_padding_are_part_of_the_graph():
     assert all(h.grad is not None for h in out.hidden_states)
     # the pads' positions get no gradient: they never reach the layers
     assert torch.equal(out.hidden_states[0].grad[1, :2], torch.zeros_like(out.hidden_states[0].grad[1, :2]))
-
-
-def test_activation_checkpointing_under_either_api_name():
-    model = tiny(block_style="pre_norm").train()
-    x = ids(2, 8)
-    model(x, labels=x).loss.backward()
-    plain = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    enable_activation_checkpointing(model)
-    assert all(block.gradient_checkpointing for block in model.model.layers)
-    model(x, labels=x).loss.backward()
-    for a, p in zip(plain, model.parameters()):
-        torch.testing.assert_close(p.grad, a)
 
 
 def test_trainer_predictions_leave_the_state_out(tmp_path):
