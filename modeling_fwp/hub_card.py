@@ -110,6 +110,9 @@ def variant_tag(config) -> str:
 def describe_variant(config) -> dict:
     if config.update_rule == "delta":
         beta = "a learned per-head learning rate β_t = σ(W_β x_t)" if config.use_beta else "β_t = 1"
+        if config.allow_neg_eigval:
+            beta = ("β_t = 2σ(W_β x_t), in (0, 2), so I − β_t k k^T may have a negative eigenvalue" if config.use_beta
+                    else "β_t = 2")
         update = (
             "delta rule (Eqs. 20-25). Each step retrieves what the fast weights hold for the key, "
             "v̄_t = W_{t-1} φ(k_t), then writes the correction: W_t = W_{t-1} + β_t (v_t − v̄_t) ⊗ φ(k_t), with "
@@ -151,6 +154,8 @@ def describe_variant(config) -> dict:
         extras.append("**Output norm:** per-head RMSNorm of the fast-weight read-out before the output projection.")
     if config.use_short_conv:
         extras.append(f"**Short convolution:** causal depthwise convolution (kernel {config.conv_size}, SiLU) on q, k, v.")
+    if config.use_gate:
+        extras.append("**Output gate:** the read-out is multiplied by SiLU(W_g x) per channel (fla's gated RMSNorm).")
     read_out_extra = ""
     if config.attention_normalization:
         read_out_extra = ", divided by the accumulated key sum z_t · φ(q_t) (Eqs. 26-28)"

@@ -197,6 +197,13 @@ def test_card_names_the_sum_rule_variant_and_copes_without_a_run():
     assert "No trainer state was found" in card.text and "No evaluation results" in card.text
 
 
+def test_card_describes_the_gate_and_negative_eigenvalues():
+    card = render_model_card(FWPConfig(use_gate=True, allow_neg_eigval=True, hidden_size=64, num_heads=2)).text
+    assert "Output gate" in card and "in (0, 2)" in card
+    plain = render_model_card(FWPConfig(hidden_size=64, num_heads=2)).text
+    assert "Output gate" not in plain and "in (0, 2)" not in plain
+
+
 def test_card_rejects_other_configs():
     from transformers import GPT2Config
 
