@@ -460,6 +460,14 @@ class FWPPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model builds its own FWPCache
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers' auto_map records only the class being saved; a causal-LM folder should also load as the base
+        # model (AutoModel, with trust_remote_code), as in-tree models do through their mappings. FWPModel lives in
+        # the same code file that travels with the weights.
+        if getattr(self, "_auto_class", None) is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": "modeling_fwp.FWPModel"}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
 
 class FWPModel(FWPPreTrainedModel):
     def __init__(self, config: FWPConfig):

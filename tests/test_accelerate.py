@@ -3,7 +3,6 @@ on a micro model; the replicas must end bit-identical and the loss must fall."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ def _launch(tmp_path, config_file, port_offset, extra_args=()):
             out.write(json.dumps({"text": json.loads(line)["text"][:2000]}) + "\n")
     output_dir = tmp_path / "run"
     command = [
-        "accelerate", "launch", "--config_file", str(config_file),
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
         "--num_processes", "2", "--main_process_port", str(29500 + port_offset + os.getpid() % 1000),
         str(REPO / "scripts/train.py"), "--recipe", "none", "--config_overrides", MICRO,
         "--train_file", str(tmp_path / "train.jsonl"), "--validation_file", str(tmp_path / "valid.jsonl"),
@@ -47,7 +46,6 @@ def _launch(tmp_path, config_file, port_offset, extra_args=()):
     return run, output_dir, state
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate CLI is not on PATH")
 @pytest.mark.parametrize("carry_state", [False, True])
 def test_two_cpu_processes_end_identical_and_learn(tmp_path, carry_state):
     run, output_dir, state = _launch(tmp_path, REPO / "configuration/accelerate/multi_cpu.yaml", 17 * carry_state,
