@@ -9,9 +9,15 @@ the last loss (a NaN would show). Prints a markdown table; --json writes the sam
     python scripts/bench_train.py --models fwp,fla,llama --json bench.json
     accelerate launch --config_file configuration/accelerate/multi_gpu_ddp.yaml --num_processes 2 \\
         scripts/bench_train.py --json bench-2gpu.json                # DDP: batch 8 x 2048 per GPU
+    accelerate launch --config_file configuration/accelerate/fsdp.yaml --num_processes 8 \\
+        scripts/bench_train.py --preset deltanet-1.3b --json bench-fsdp8.json   # FSDP2, sharded per block
     python scripts/bench_train.py --preset tiny --batch_size 2 --seq_len 64 --steps 2   # CPU smoke run
 
 fla is optional: "fla" is skipped with a note when it does not import (or has no GPU to run on).
+
+Under an FSDP config every model is sharded per block of its own (_no_split_modules: FWPBlock, DeltaNetBlock,
+LlamaDecoderLayer). --fsdp_param_dtype fp32 (default) gathers fp32 parameters and computes under the bf16 autocast,
+DDP's numerics; bf16 gathers bf16 parameters, the policy scripts/train.py trains with under fsdp.yaml.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="autocast dtype (bf16) or none")
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--fsdp_param_dtype", default="fp32", choices=("fp32", "bf16"),
+                        help="under an FSDP config: the dtype parameters are gathered and used in (see above)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the results here (main process)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
@@ -106,6 +114,8 @@ def bench_one(name, config, args, accelerator):
         enable_activation_checkpointing(model)
     parameters = sum(p.numel() for p in model.parameters())
     model.to(accelerator.device)  # before the optimizer: fused AdamW wants its parameters on the GPU already
+    if getattr(accelerator, "is_fsdp2", False):
+        shard_per_block(accelerator, model, args.fsdp_param_dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=torch.cuda.is_available())
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
@@ -144,6 +154,7 @@ def bench_one(name, config, args, accelerator):
     peak = accelerator.gather(torch.tensor([peak], device=accelerator.device)).max().item()
     tokens = args.batch_size * args.seq_len * args.steps * accelerator.num_processes
     result = {"model": name, "note": note, "parameters_M": parameters / 1e6, "tokens_per_s": tokens / seconds,
+              "tokens_per_s_per_process": tokens / seconds / accelerator.num_processes,
               "step_ms": 1000 * seconds / args.steps, "peak_memory_GiB": peak, "last_loss": last_loss}
     if profile is not None:
         result["profile"] = profile
@@ -153,6 +164,19 @@ def bench_one(name, config, args, accelerator):
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def shard_per_block(accelerator, model, param_dtype: str) -> None:
+    """FSDP2 (an FSDP accelerate config): shards this model per block of its own class, whatever the config's
+    fsdp_transformer_layer_cls_to_wrap names, and sets the mixed precision policy of --fsdp_param_dtype (bf16: the
+    one scripts/train.py uses, without casts of block inputs and outputs, which would round a carried state)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin = accelerator.state.fsdp_plugin
+    plugin.transformer_cls_names_to_wrap = list(model._no_split_modules)
+    plugin.mixed_precision_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16,
+                                                          output_dtype=None, cast_forward_inputs=False)
+                                     if param_dtype == "bf16" else None)
 
 
 def profile_steps(step, top: int) -> dict:
@@ -201,14 +225,15 @@ def profile_markdown(result) -> str:
 
 
 def markdown(results, header) -> str:
-    lines = [header, "", "| model | params (M) | tokens/s (global) | step (ms) | peak memory / GPU (GiB) | last loss | note |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| model | params (M) | tokens/s (global) | tokens/s / GPU | step (ms) | "
+             "peak memory / GPU (GiB) | last loss | note |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {r['model']} | - | - | - | - | - | skipped: {r['skipped']} |")
+            lines.append(f"| {r['model']} | - | - | - | - | - | - | skipped: {r['skipped']} |")
             continue
         peak = "n/a" if math.isnan(r["peak_memory_GiB"]) else f"{r['peak_memory_GiB']:.1f}"
-        lines.append(f"| {r['model']} | {r['parameters_M']:.1f} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.0f} | "
+        lines.append(f"| {r['model']} | {r['parameters_M']:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['tokens_per_s_per_process']:,.0f} | {r['step_ms']:.0f} | "
                      f"{peak} | {r['last_loss']:.3f} | {r['note']} |")
     return "\n".join(lines)
 
@@ -223,12 +248,14 @@ def main(argv=None):
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
     results = [bench_one(name, config, args, accelerator) for name in args.models]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    parallel = (f"FSDP2, {args.fsdp_param_dtype} parameters" if getattr(accelerator, "is_fsdp2", False) else
+                accelerator.distributed_type.value)
     info = {"preset": args.preset, "config_overrides": args.config_overrides, "device": device,
-            "processes": accelerator.num_processes, "batch_size_per_process": args.batch_size,
+            "processes": accelerator.num_processes, "parallelism": parallel, "batch_size_per_process": args.batch_size,
             "seq_len": args.seq_len, "dtype": args.dtype, "warmup_steps": args.warmup_steps, "steps": args.steps,
             "gradient_checkpointing": args.gradient_checkpointing, "torch": torch.__version__, "results": results}
     if accelerator.is_main_process:
-        header = (f"Training throughput: preset {args.preset}, {accelerator.num_processes} x {device}, "
+        header = (f"Training throughput: preset {args.preset}, {accelerator.num_processes} x {device} ({parallel}), "
                   f"{args.batch_size} x {args.seq_len} tokens per process, {args.dtype} autocast, AdamW, "
                   f"{args.steps} timed steps after {args.warmup_steps} warm-up")
         print(markdown(results, header))

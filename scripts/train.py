@@ -408,6 +408,38 @@ class FWPTrainer(Trainer):
         self.time_budget = time_budget
         if time_budget is not None:
             self.add_callback(time_budget)
+        keep_fsdp_state_fp32(self.accelerator)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Trainer.save_model, plus what it leaves out under FSDP (configuration/accelerate/fsdp*.yaml):
+        - a save outside a checkpoint (the final model) always gathers the full weights: with fsdp_state_dict_type
+          SHARDED_STATE_DICT the Trainer would write no model at all;
+        - a SHARDED_STATE_DICT checkpoint (its weights: pytorch_model_fsdp_0/, beside it) also gets config.json,
+          the generation config and the tokenizer, so --resume_from_checkpoint can check its model and reuse them;
+        - the model's own code files and auto_map replace the torch files that save_pretrained copied (FSDP2
+          swaps the model's class for a subclass defined in torch, FSDPFWPForCausalLM)."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if plugin is None:
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        from torch.distributed.fsdp import StateDictType
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        sharded, previous = "FULL_STATE_DICT" not in str(plugin.state_dict_type), plugin.state_dict_type
+        if sharded and not _internal_call:
+            plugin.state_dict_type = StateDictType.FULL_STATE_DICT  # what Trainer.save_model checks
+        try:
+            super().save_model(output_dir, _internal_call=_internal_call)
+        finally:
+            plugin.state_dict_type = previous
+        if self.args.should_save:
+            model = self.accelerator.unwrap_model(self.model)
+            if sharded and _internal_call:
+                os.makedirs(output_dir, exist_ok=True)
+                model.config.save_pretrained(output_dir)
+                model.generation_config.save_pretrained(output_dir)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(output_dir)
+            restore_model_code(model, output_dir)
 
     def create_scheduler(self, num_training_steps, optimizer=None):
         """With a time budget: linear warm-up, then a cosine decay over whichever runs out first, the steps or the
@@ -468,6 +500,52 @@ class FWPTrainer(Trainer):
         for key in [k for k in logs if k.endswith("_loss") and isinstance(logs[k], (int, float))]:
             logs[key[: -len("loss")] + "perplexity"] = math.exp(min(logs[key], 100.0))
         super().log(logs, *args, **kwargs)
+
+
+def keep_fsdp_state_fp32(accelerator) -> None:
+    """FSDP2 under `mixed_precision: bf16`: Accelerate's policy casts every floating tensor that enters
+    (cast_forward_inputs) or leaves (output_dtype) a sharded FWPBlock to bf16, the fast-weight state included, which
+    a block takes and returns when the state is carried (--carry_state, generation) and which the ops keep in fp32.
+    Dropping those two casts lets the state pass unrounded; parameters are still gathered in bf16 (param_dtype),
+    gradients reduced in Accelerate's reduce_dtype, and the hidden states are bf16 anyway (bf16 weights made them)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if policy is None or getattr(plugin, "fsdp_version", 1) != 2:
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype,
+                                                         reduce_dtype=policy.reduce_dtype, output_dtype=None,
+                                                         cast_forward_inputs=False)
+
+
+def restore_model_code(model, folder) -> None:
+    """After save_pretrained of an FSDP2 model: its class is torch's FSDPFWPForCausalLM (torch's _fsdp_init.py), so
+    transformers copied that module and its relative imports into `folder` and named them in auto_map. Puts the
+    model's own code files and auto_map entry there instead, as a save of the unwrapped model writes them."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: no FSDP2 (FSDP1 leaves the model's class alone)
+        return
+    from transformers import PreTrainedModel
+    from transformers.dynamic_module_utils import custom_object_save, get_relative_import_files
+
+    wrapper = type(model)
+    config_file = Path(folder, "config.json")
+    if not isinstance(model, FSDPModule) or wrapper._auto_class is None or not config_file.is_file():
+        return
+    original = next(c for c in wrapper.__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, FSDPModule))
+    torch_file = sys.modules[wrapper.__module__].__file__
+    for path in [torch_file, *get_relative_import_files(torch_file)]:
+        Path(folder, Path(path).name).unlink(missing_ok=True)
+    custom_object_save(object.__new__(original), folder)  # modeling_fwp.py and the files it imports
+    entry = f"{original.__module__.rsplit('.', 1)[-1]}.{original.__name__}"
+    config = json.loads(config_file.read_text())
+    config["auto_map"] = {**config.get("auto_map", {}), original._auto_class: entry}
+    config["architectures"] = [original.__name__]
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if isinstance(getattr(model.config, "auto_map", None), dict):
+        model.config.auto_map[original._auto_class] = entry
 
 
 class TimeBudget(TrainerCallback):
@@ -569,8 +647,22 @@ def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: in
     model.eval()
     set_seed(seed)
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=max_new_tokens)
+        out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=max_new_tokens,
+                             synced_gpus=True if fsdp2_sharded(model) else None)
     return tokenizer.decode(out[0, len(start):], skip_special_tokens=True)
+
+
+def fsdp2_sharded(model) -> bool:
+    """Whether `model` is sharded over several processes by Accelerate's FSDP2, so that every forward needs all of
+    them: generate() must then keep every process stepping until all are done (synced_gpus), should their samples
+    differ in length. transformers infers that only for the models it shards itself."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        return False
+    return isinstance(model, FSDPModule) and torch.distributed.get_world_size() > 1
 
 
 def parameter_checksum(model) -> dict:
