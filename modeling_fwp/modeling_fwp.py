@@ -222,6 +222,13 @@ def rotary_embed(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torc
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+def add_sinusoidal_positions(hidden: torch.Tensor, positions: torch.Tensor, config: FWPConfig) -> torch.Tensor:
+    """The absolute positions of position_embedding="sinusoidal", added to the embeddings (others: unchanged)."""
+    if config.position_embedding != "sinusoidal":
+        return hidden
+    return hidden + sinusoidal_embedding(positions, config.hidden_size, config.rope_theta, hidden.dtype).to(hidden.dtype)
+
+
 def sinusoidal_embedding(positions: torch.Tensor, dim: int, theta: float, dtype=torch.float32) -> torch.Tensor:
     """[sin, cos] of positions * theta^(-2i/dim), computed in (at least) fp32."""
     dtype = torch.promote_types(dtype, torch.float32)
@@ -535,11 +542,7 @@ class FWPModel(FWPPreTrainedModel):
             raise ValueError(f"The cache (past_key_values) holds {past_key_values.batch_size} sequences but this input "
                              f"has {num_rows}.")
 
-        hidden = layout.pack(inputs_embeds)
-        if self.config.position_embedding == "sinusoidal":
-            positional = sinusoidal_embedding(layout.positions, self.config.hidden_size, self.config.rope_theta, hidden.dtype)
-            hidden = hidden + positional.to(hidden.dtype)
-        hidden = self.dropout(hidden)
+        hidden = self.dropout(add_sinusoidal_positions(layout.pack(inputs_embeds), layout.positions, self.config))
         all_hidden = [] if output_hidden_states else None
         new_states = []
         for idx, block in enumerate(self.layers):
@@ -666,20 +669,10 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
             cache.reset()
         return cache
 
-    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
-                                      inputs_embeds=None, is_first_iteration=False, past_key_values=None, **kwargs):
-        kwargs[CACHE_NAME] = resolve_cache_argument(cache, past_key_values)
-        inputs = super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=next_sequence_length, attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs)
-        # For a compileable cache transformers builds a 4-D causal mask (even from no mask); the model reads the 2-D
-        # padding mask (pads never reach the state), so it gets that one, as with any other cache.
-        inputs["attention_mask"] = attention_mask
-        return inputs
-
     def create_masks_for_generate(self, attention_mask=None, **kwargs):
-        """generate() asks a model with a compileable cache for 4-D causal masks at every step; the model reads the
-        2-D padding mask as it is, so none is built (it would cost host time in every captured decode step)."""
+        """generate() asks a model with a compileable cache for 4-D causal masks (even from no mask) at every step; the
+        model reads the 2-D padding mask (pads never reach the state), so that one is passed through and none is
+        built (a 4-D prefill mask would take [batch, prompt, prompt] memory, and every decode step host time)."""
         return attention_mask
 
     def get_compiled_call(self, compile_config=None):
@@ -721,10 +714,7 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
         rows = layer_tensors[0][-1]  # layer 0's per-row token counts, read before the step advances them
         layout = SequenceLayout(input_ids.shape[0], 1, positions=rows[:, None].clone(), row_tokens=torch.ones_like(rows),
                                 backend="recurrent")
-        hidden = model.embed_tokens(input_ids)
-        if cfg.position_embedding == "sinusoidal":
-            hidden = hidden + sinusoidal_embedding(layout.positions, cfg.hidden_size, cfg.rope_theta,
-                                                   hidden.dtype).to(hidden.dtype)
+        hidden = add_sinusoidal_positions(model.embed_tokens(input_ids), layout.positions, cfg)
         z_at, tail_at = 1, 1 + int(cfg.attention_normalization)  # where FWPLayerState.tensors() puts each part
         for block, tensors in zip(model.layers, layer_tensors):
             fast_weights, row_tokens = tensors[0], tensors[-1]
@@ -785,7 +775,7 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
         with_loss = labels is not None or shift_labels is not None
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            cache=resolve_cache_argument(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
+            cache=cache, past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_hidden_states=output_hidden_states, cu_seqlens=cu_seqlens, cu_seq_lens_q=cu_seq_lens_q,
             keep_last_hidden=logits_to_keep if isinstance(logits_to_keep, int) and not with_loss else 0,
             return_dict=True,

@@ -46,9 +46,7 @@ def without_bookkeeping(fields: dict) -> dict:
 def load_preset(name_or_path: str, **overrides) -> FWPConfig:
     """FWPConfig from a preset name or a config JSON path; keyword overrides replace fields (and are validated like
     any config value; an override that is no FWPConfig field is an error, as a typo would change nothing)."""
-    unknown = sorted(set(overrides) - set(config_field_names()))
-    if unknown:
-        raise ValueError(f"load_preset: unknown FWPConfig field(s) {unknown}; allowed: {', '.join(config_field_names())}.")
+    check_field_names(overrides, "load_preset")
     return FWPConfig(**{**preset_fields(name_or_path), **overrides})
 
 
@@ -66,8 +64,13 @@ def parse_config_overrides(text: str | None) -> dict:
             overrides[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
             overrides[key.strip()] = raw
-    allowed = config_field_names()
-    unknown = sorted(set(overrides) - set(allowed))
-    if unknown:
-        raise ValueError(f"--config_overrides: unknown FWPConfig field(s) {unknown}; allowed: {', '.join(allowed)}.")
+    check_field_names(overrides, "--config_overrides")
     return overrides
+
+
+def check_field_names(fields, where: str):
+    """Refuses names that are no FWPConfig field: there, a typo would otherwise change nothing."""
+    allowed = config_field_names()
+    unknown = sorted(set(fields) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unknown FWPConfig field(s) {unknown}; allowed: {', '.join(allowed)}.")

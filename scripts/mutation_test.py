@@ -251,7 +251,7 @@ MUTATIONS = [
              (f"{EFFECTS}::test_packing_gives_each_document_the_logits_and_loss_it_gets_alone",),
              "--config_overrides values stay strings (hidden_size='32')"),
     Mutation("load_preset_accepts_unknown_overrides", "modeling_fwp/presets.py",
-             "    unknown = sorted(set(overrides) - set(config_field_names()))\n", "    unknown = []\n",
+             '    check_field_names(overrides, "load_preset")\n', "",
              ("tests/test_bad_input.py::test_load_preset_refuses_an_unknown_override",),
              "load_preset silently keeps a misspelt override", ci=True),
     Mutation("configuration_dir_ignores_the_wheel", "modeling_fwp/presets.py",
