@@ -181,6 +181,8 @@ pytestmark = [pytest.mark.allow_deprecation, pytest.mark.filterwarnings("default
 
 _DEPRECATION = re.compile(r"deprecat", re.IGNORECASE)
 _REPO = Path(__file__).resolve().parent.parent
+# The project's own code; a virtual environment inside the checkout (.venv-oldest, a user's .venv) is not.
+_PROJECT_DIRS = tuple(_REPO / name for name in ("modeling_fwp", "scripts", "tests"))
 _HARNESS = HARNESS_DIR.resolve()
 
 
@@ -192,7 +194,7 @@ def _deprecation_caller() -> tuple[str, str]:
         path = Path(frame.filename).resolve()
         if path.is_relative_to(_HARNESS):
             return "harness", f"{frame.filename}:{frame.lineno}"
-        if path.is_relative_to(_REPO):
+        if any(path.is_relative_to(folder) for folder in _PROJECT_DIRS):
             return "project", f"{frame.filename}:{frame.lineno} ({frame.line})"
     return "transformers", ""  # transformers (or torch) on its own
 
