@@ -246,14 +246,20 @@ def main(argv=None):
     # mixed_precision="no": the autocast above is the only one, so --dtype means what it says even under an
     # accelerate config that asks for bf16.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
-    results = [bench_one(name, config, args, accelerator) for name in args.models]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     parallel = (f"FSDP2, {args.fsdp_param_dtype} parameters" if getattr(accelerator, "is_fsdp2", False) else
                 accelerator.distributed_type.value)
+    results = []
     info = {"preset": args.preset, "config_overrides": args.config_overrides, "device": device,
             "processes": accelerator.num_processes, "parallelism": parallel, "batch_size_per_process": args.batch_size,
             "seq_len": args.seq_len, "dtype": args.dtype, "warmup_steps": args.warmup_steps, "steps": args.steps,
             "gradient_checkpointing": args.gradient_checkpointing, "torch": torch.__version__, "results": results}
+    for name in args.models:  # each model's line and the JSON so far as soon as it is measured: a run cut off by a
+        results.append(bench_one(name, config, args, accelerator))  # time limit keeps what it measured
+        if accelerator.is_main_process:
+            print(markdown(results[-1:], f"{name} measured"), flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(info, indent=1))
     if accelerator.is_main_process:
         header = (f"Training throughput: preset {args.preset}, {accelerator.num_processes} x {device} ({parallel}), "
                   f"{args.batch_size} x {args.seq_len} tokens per process, {args.dtype} autocast, AdamW, "
