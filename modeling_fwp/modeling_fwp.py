@@ -21,6 +21,7 @@ from .compat import CACHE_NAME, CHUNKED_PREFILL_REFEEDS_HISTORY, output_cache
 from .configuration_fwp import FWPConfig
 from .feature_maps import build_feature_map, normalize_qk
 from .losses import causal_lm_loss
+from .decode_triton import rule_step_
 from .ops import delta_rule, sum_rule
 
 try:
@@ -71,6 +72,8 @@ class SequenceLayout:
     to the flattened [B*T] grid). `positions` counts each token's place in its own sequence, continuing from the
     cache; `row_tokens` is how many real tokens each of the N sequences adds in this forward. `backend`, when set,
     overrides `config.kernel_backend` for the update rule (the captured decode step keeps to plain PyTorch ops).
+    `state_in_place` (the captured decode step: one token per row, no packing) makes the update rule write the
+    given fast-weight tensors in place (`decode_triton.rule_step_`) instead of returning new ones.
     """
 
     batch_size: int
@@ -80,6 +83,7 @@ class SequenceLayout:
     cu_seqlens: torch.Tensor | None = None
     unpad_index: torch.Tensor | None = None
     backend: str | None = None
+    state_in_place: bool = False
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         if self.unpad_index is None:
@@ -252,7 +256,11 @@ class ShortConvolution(nn.Module):
             if tail is None:
                 tail = x.new_zeros(x.shape[0], width, x.shape[2])
             extended = torch.cat([tail.to(x.dtype), x], dim=1)
-            y = self._conv(extended)
+            if x.shape[1] == 1:  # a decode step: one dot product per channel, which compilers fuse with the SiLU
+                acc = torch.promote_types(x.dtype, torch.float32)  # as conv1d accumulates
+                y = (extended.to(acc) * self.weight.t().to(acc)).sum(1, keepdim=True).to(x.dtype)
+            else:
+                y = self._conv(extended)
             return F.silu(y), extended[:, -width:].clone()  # a copy: a view would pin the whole input in the cache
         # Packed: give every sequence its own `width` tail slots, convolve the whole stream once, drop the slots.
         num_seqs = cu_seqlens.numel() - 1
@@ -296,6 +304,12 @@ class ShortConvolution(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # The fast weight layer
 # ----------------------------------------------------------------------------------------------------------------------
+def _plain_linear(module) -> bool:
+    """A bias-free nn.Linear that nothing wraps, hooks or reparametrises: its output is x @ weight^T exactly."""
+    return (type(module) is nn.Linear and module.bias is None and not module._forward_hooks
+            and not module._forward_pre_hooks and not hasattr(module, "parametrizations"))
+
+
 class FWPAttention(nn.Module):
     """One fast weight programmer layer: the slow projections program the per-head fast weights with the update rule
     (delta or sum), and the queries read them. Replaces softmax attention; its state has a fixed size."""
@@ -320,12 +334,33 @@ class FWPAttention(nn.Module):
             self.g_proj = nn.Linear(config.hidden_size, inner, bias=False)
         self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
 
-    def forward(self, x, layout: SequenceLayout, fast_weights=None, z=None, conv_tail=None, want_state=False):
+    def projection_modules(self) -> list[nn.Module]:
+        """Every projection of x, in the order `forward` splits a `joint_weight` product."""
+        extra = [self.b_proj] if hasattr(self, "b_proj") else []
+        extra += [self.g_proj] if self.config.use_gate else []
+        return [self.q_proj, self.k_proj, self.v_proj] + extra
+
+    def _projections(self, x, joint_weight):
+        """q, k, v, beta's logits and the gate's (None where unused). With `joint_weight` (the rows of
+        `projection_weights()` concatenated: the captured decode step's copy) one matmul makes them all, instead of
+        up to five small ones, each of which costs a launch at one token per row."""
+        with_beta, with_gate = hasattr(self, "b_proj"), self.config.use_gate
+        if joint_weight is None:
+            return (self.q_proj(x), self.k_proj(x), self.v_proj(x), self.b_proj(x) if with_beta else None,
+                    self.g_proj(x) if with_gate else None)
+        sizes = [module.out_features for module in self.projection_modules()]
+        parts = list(F.linear(x, joint_weight).split(sizes, dim=-1))
+        gate = parts.pop() if with_gate else None
+        beta = parts.pop() if with_beta else None
+        return (*parts, beta, gate)
+
+    def forward(self, x, layout: SequenceLayout, fast_weights=None, z=None, conv_tail=None, want_state=False,
+                joint_weight=None):
         b, t, _ = x.shape
         cfg = self.config
         acc = torch.promote_types(x.dtype, torch.float32)  # beta and the normalisers never go below fp32
         fused = use_fused_kernels(x, cfg)
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v, beta_logits, gate_logits = self._projections(x, joint_weight)
         new_tail = None
         if cfg.use_short_conv:
             (q, k, v), new_tail = self.conv.forward_parts([q, k, v], layout.cu_seqlens, conv_tail, fused)
@@ -340,7 +375,7 @@ class FWPAttention(nn.Module):
         if cfg.attention_normalization:
             q_denominator, k_denominator, new_z = self._z_denominators(q, k, z, want_state, common, acc)
         if cfg.update_rule == "delta":
-            beta = torch.sigmoid(self.b_proj(x).to(acc)) if cfg.use_beta else x.new_ones(b, t, self.num_heads, dtype=acc)
+            beta = torch.sigmoid(beta_logits.to(acc)) if cfg.use_beta else x.new_ones(b, t, self.num_heads, dtype=acc)
             if cfg.allow_neg_eigval:  # beta in (0, 2): I - beta k k^T may have a negative eigenvalue
                 beta = 2.0 * beta
             if cfg.attention_normalization:
@@ -349,6 +384,10 @@ class FWPAttention(nn.Module):
                 d = torch.where(layout.positions[..., None] == 0, torch.ones_like(k_denominator),
                                 k_denominator + cfg.qk_norm_eps)
                 beta, v = beta / d, v * d.to(v.dtype)[..., None]
+        if layout.state_in_place:  # one token per row: fast_weights (a cache buffer) is written where it lies
+            step_beta = beta[:, 0] if cfg.update_rule == "delta" else None
+            o = rule_step_(q[:, 0], k[:, 0], v[:, 0], step_beta, fast_weights, scale)[:, None]
+        elif cfg.update_rule == "delta":
             o, fast_weights = delta_rule(q, k, v, beta, scale=scale, initial_state=fast_weights,
                                          output_final_state=want_state, **common)
         else:
@@ -357,7 +396,7 @@ class FWPAttention(nn.Module):
         if cfg.attention_normalization:
             o = (o.to(acc) / (q_denominator[..., None] + cfg.qk_norm_eps)).to(o.dtype)
         if cfg.use_gate:  # fla's FusedRMSNormGated order: norm, then * silu(g), in fp32 with one final rounding
-            gate = F.silu(self.g_proj(x).view(b, t, self.num_heads, self.head_dim).to(acc))
+            gate = F.silu(gate_logits.view(b, t, self.num_heads, self.head_dim).to(acc))
             normed = self.o_norm(o, out_dtype=acc, fused=fused) if cfg.use_output_norm else o.to(acc)
             o = (normed * gate).to(o.dtype)
         elif cfg.use_output_norm:
@@ -400,13 +439,20 @@ class FWPFeedForward(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=not self.gated)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
+    def projection_modules(self) -> list[nn.Module]:
+        """The input projections, in the order `forward` splits a `joint_weight` product (SwiGLU only)."""
+        return [self.gate_proj, self.up_proj] if self.gated else []
+
+    def forward(self, x, joint_weight=None):
         if not self.gated:
             hidden = F.relu(self.up_proj(x))
-        elif HAS_FUSED_NORMS and use_fused_kernels(x, self.config):
-            hidden = swiglu_triton(self.gate_proj(x), self.up_proj(x))
-        else:
-            hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:  # joint_weight: the captured decode step's [gate; up] copy, one matmul instead of two
+            gate, up = ((self.gate_proj(x), self.up_proj(x)) if joint_weight is None else
+                        F.linear(x, joint_weight).chunk(2, dim=-1))
+            if HAS_FUSED_NORMS and use_fused_kernels(x, self.config):
+                hidden = swiglu_triton(gate, up)
+            else:
+                hidden = F.silu(gate) * up
         return self.down_proj(self.dropout(hidden))
 
 
@@ -429,16 +475,21 @@ class FWPBlock(GradientCheckpointingLayer):
             self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, hidden, layout=None, fast_weights=None, z=None, conv_tail=None, want_state=False):
+    def forward(self, hidden, layout=None, fast_weights=None, z=None, conv_tail=None, want_state=False,
+                joint_weights=(None, None)):
+        """`joint_weights`: the captured decode step's concatenated projection weights (attention, feed-forward)."""
+        attn_weight, mlp_weight = joint_weights
         if self.pre_norm:  # the normed copies only feed matmuls: hand them over in the matmul's dtype
             normed = self.attn_norm(hidden, out_dtype=matmul_dtype(hidden))
-            out, fast_weights, z, conv_tail = self.attn(normed, layout, fast_weights, z, conv_tail, want_state)
+            out, fast_weights, z, conv_tail = self.attn(normed, layout, fast_weights, z, conv_tail, want_state,
+                                                        attn_weight)
             hidden = hidden + self.dropout(out)
-            hidden = hidden + self.dropout(self.mlp(self.mlp_norm(hidden, out_dtype=matmul_dtype(hidden))))
+            hidden = hidden + self.dropout(self.mlp(self.mlp_norm(hidden, out_dtype=matmul_dtype(hidden)), mlp_weight))
         else:
-            out, fast_weights, z, conv_tail = self.attn(hidden, layout, fast_weights, z, conv_tail, want_state)
+            out, fast_weights, z, conv_tail = self.attn(hidden, layout, fast_weights, z, conv_tail, want_state,
+                                                        attn_weight)
             hidden = self.attn_norm(hidden + self.dropout(out))
-            hidden = self.mlp_norm(hidden + self.dropout(self.mlp(hidden)))
+            hidden = self.mlp_norm(hidden + self.dropout(self.mlp(hidden, mlp_weight)))
         return hidden, fast_weights, z, conv_tail
 
 
@@ -643,6 +694,7 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
                 f"cache_implementation={implementation!r} is not supported by FWP models: their state is a fixed-size "
                 "FWPCache. Use None / 'dynamic' (the default) or 'static' (captured decode steps)."
             )
+        self._joint_weights_checked = False  # weights may have changed since the last generate(): check once now
         other_name = "past_key_values" if CACHE_NAME == "cache" else "cache"
         if model_kwargs.get(other_name) is not None:  # a user's cache under the other release's name
             model_kwargs[CACHE_NAME] = resolve_cache_argument(model_kwargs.get(CACHE_NAME), model_kwargs.pop(other_name))
@@ -697,7 +749,10 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
                 return self(input_ids=input_ids, cache=state, inputs_embeds=inputs_embeds, **kwargs)
             # generate() feeds each row one real token per step (finished rows get pads with mask 1), so the step
             # needs no mask; positions continue from the cache's per-row counts.
-            logits = step(input_ids, [layer.tensors() for layer in state.layers])
+            if not getattr(self, "_joint_weights_checked", False):  # once per generate(): the check costs host time
+                self._joint_decode_weights()
+                self._joint_weights_checked = True
+            logits = step(input_ids, [layer.tensors() for layer in state.layers], self._joint_weights[1])
             state.advance(1)
             # a CUDA-graph output is overwritten by the next replay: hand generate() its own copy
             return CausalLMOutputWithPast(logits=logits.clone(), **{CACHE_NAME: state})
@@ -706,23 +761,48 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
         self._captured_options, self._compiled_call, self._last_compile_config = key, call, compile_config
         return call
 
-    def _captured_decode_step(self, input_ids, layer_tensors):
+    def _joint_decode_weights(self) -> list[tuple]:
+        """Per block, (attention, feed-forward) input-projection weights concatenated, so that a captured decode
+        step makes q, k, v, beta (and the gate) in one matmul and SwiGLU's two halves in another: at one token per
+        row each matmul costs a launch, not arithmetic. A copy of those weights (about 60 % of the blocks'
+        parameters), kept while no weight changes: checked at the first captured step of each generate() and rebuilt
+        when a parameter's address or version counter moved (an optimizer step, load_state_dict, .to()). None for a
+        block whose projections are not plain bias-free
+        nn.Linear (PEFT's LoRA layers, quantised or hooked ones), which then runs its own projections."""
+        sources = []
+        for block in self.model.layers:
+            attn, mlp = block.attn.projection_modules(), block.mlp.projection_modules()
+            sources.append(tuple([m.weight for m in group] if group and all(map(_plain_linear, group)) else None
+                                 for group in (attn, mlp)))
+        key = tuple((w.data_ptr(), w._version) for pair in sources for group in pair if group for w in group)
+        cached = getattr(self, "_joint_weights", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        self._joint_weights = None  # the old copies go before the new ones are made
+        with torch.no_grad():
+            joint = [tuple(None if group is None else torch.cat(group) for group in pair) for pair in sources]
+        for tensor in (t for pair in joint for t in pair if t is not None):
+            torch._dynamo.mark_static_address(tensor)  # fixed inputs of the captured graph, as parameters are
+        self._joint_weights = (key, joint)
+        return joint
+
+    def _captured_decode_step(self, input_ids, layer_tensors, joint_weights):
         """One token per row from an FWPStaticCache, updating its buffers in place: no host sync and no branch on
         data, so torch.compile(fullgraph=True) captures it whole. The maths is the forward's (the same blocks on
-        the same layout), with the update rule in its plain PyTorch one-step form."""
+        the same layout), with the update rule in its one-step form writing the fast weights in place
+        (`decode_triton.rule_step_`) and the projections from `_joint_decode_weights`."""
         model, cfg = self.model, self.config
         rows = layer_tensors[0][-1]  # layer 0's per-row token counts, read before the step advances them
         layout = SequenceLayout(input_ids.shape[0], 1, positions=rows[:, None].clone(), row_tokens=torch.ones_like(rows),
-                                backend="recurrent")
+                                backend="recurrent", state_in_place=True)
         hidden = add_sinusoidal_positions(model.embed_tokens(input_ids), layout.positions, cfg)
         z_at, tail_at = 1, 1 + int(cfg.attention_normalization)  # where FWPLayerState.tensors() puts each part
-        for block, tensors in zip(model.layers, layer_tensors):
+        for block, tensors, weights in zip(model.layers, layer_tensors, joint_weights):
             fast_weights, row_tokens = tensors[0], tensors[-1]
             z = tensors[z_at] if cfg.attention_normalization else None
             conv_tail = tensors[tail_at] if cfg.use_short_conv else None
-            hidden, new_fast_weights, new_z, new_tail = block(hidden, layout=layout, fast_weights=fast_weights, z=z,
-                                                              conv_tail=conv_tail, want_state=True)
-            fast_weights.copy_(new_fast_weights)
+            hidden, _, new_z, new_tail = block(hidden, layout=layout, fast_weights=fast_weights, z=z,
+                                               conv_tail=conv_tail, want_state=True, joint_weights=weights)
             if z is not None:
                 z.copy_(new_z)
             if conv_tail is not None:

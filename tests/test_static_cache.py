@@ -50,6 +50,54 @@ def test_captured_greedy_generate_equals_full_forwards(variant):
     assert_steps_equal_full_forward(model, out, prompts)
 
 
+MORE_VARIANTS = {  # beyond test_generation's: fla's DeltaNet options (gate, beta in (0, 2)) and FAVOR+
+    "gated_neg_eigval": ("conv_rotary_prenorm", dict(use_gate=True, allow_neg_eigval=True, feature_map="identity",
+                                                     qk_norm="l2")),
+    "favor": ("delta_net", dict(feature_map="favor")),
+}
+
+
+@pytest.mark.parametrize("variant", MORE_VARIANTS)
+def test_captured_generate_of_more_variants(variant):
+    base, overrides = MORE_VARIANTS[variant]
+    model = make_model(base, **overrides)
+    prompts = [random_ids(1, 8, seed=4)[0], random_ids(1, 5, seed=5)[0]]
+    ids, mask = left_pad(prompts)
+    config, counter = captured()
+    out = static_generate(model, ids, 6, config, attention_mask=mask)
+    assert counter.frame_count == 1
+    assert_steps_equal_full_forward(model, out, prompts)
+
+
+def test_joint_projection_weights_follow_a_weight_change():
+    """The captured step multiplies with a concatenated copy of the projection weights: a training step between
+    two generate() calls must reach it (the copy is rebuilt when a parameter's version counter moves)."""
+    model = make_model("conv_rotary_prenorm", use_gate=True)
+    config, _ = captured()
+    prompts = [random_ids(1, 6, seed=7)[0]]
+    static_generate(model, prompts[0][None], 3, config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    model(prompts[0][None], labels=prompts[0][None]).loss.backward()
+    optimizer.step()
+    model.eval()
+    out = static_generate(model, prompts[0][None], 4, config)
+    assert_steps_equal_full_forward(model, out, prompts)
+
+
+def test_a_hooked_projection_is_not_folded_into_the_joint_weight():
+    """A projection something wraps (a PEFT adapter, a forward hook) keeps running itself in the captured step."""
+    model = make_model("conv_rotary_prenorm")
+    model.model.layers[0].attn.k_proj.register_forward_hook(lambda module, args, out: 1.5 * out)
+    model.model.layers[1].mlp.up_proj.register_forward_hook(lambda module, args, out: out - 0.2)
+    config, _ = captured()
+    prompts = [random_ids(1, 6, seed=8)[0]]
+    out = static_generate(model, prompts[0][None], 4, config)
+    assert_steps_equal_full_forward(model, out, prompts)
+    joint = model._joint_decode_weights()
+    assert joint[0][0] is None and joint[0][1] is not None and joint[1][0] is not None and joint[1][1] is None
+
+
 def test_captured_steps_update_the_same_buffers_and_a_second_generate_reuses_the_graph():
     model = make_model("conv_rotary_prenorm", attention_normalization=True)
     config, counter = captured()
@@ -152,10 +200,12 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("variant", ["delta_net", "conv_rotary_prenorm"])
+@pytest.mark.parametrize("variant", ["delta_net", "conv_rotary_prenorm", "gated_neg_eigval"])
 def test_cuda_graph_generate_matches_eager(variant, dtype):
-    """The default compile config on CUDA: inductor with CUDA graphs (mode="reduce-overhead")."""
-    model = make_model(variant, vocab_size=64).to("cuda", dtype)
+    """The default compile config on CUDA: inductor with CUDA graphs (mode="reduce-overhead"), with the Triton
+    one-token step (decode_triton.py) inside the graph."""
+    base, overrides = MORE_VARIANTS.get(variant, (variant, {}))
+    model = make_model(base, vocab_size=64, **overrides).to("cuda", dtype)
     prompts = [random_ids(1, 40, seed=2)[0], random_ids(1, 17, seed=3)[0]]
     ids, mask = left_pad(prompts)
     ids, mask = ids.cuda(), mask.cuda()
