@@ -6,11 +6,22 @@ to fp32 and autograd keeps the fp32 log-softmax for backward: at 16k tokens x 32
 copies on top of the bf16 logits. Here each chunk of rows is upcast on its own, only the per-row log-sum-exp is
 saved, and the backward rebuilds softmax(logits) - onehot chunk by chunk. The math is the same, in fp32 (fp64 for
 fp64 logits); the logits are not modified, so they stay valid for the caller.
+
+On CUDA (fp16 / bf16 / fp32 logits, triton installed) `causal_lm_loss` runs the same math as two fused Triton kernels
+instead (`loss_triton.cross_entropy_sum_triton`: one read of the logits forward, one read and one write backward);
+this chunked version stays the reference, and the path for CPU and fp64.
 """
 
 import torch
 
+try:  # optional fused kernel; without triton (or on CPU) the chunked PyTorch loss below runs
+    from .loss_triton import HAS_TRITON_LOSS, cross_entropy_sum_triton
+except ImportError:  # pragma: no cover
+    HAS_TRITON_LOSS = False
+
 IGNORE_INDEX = -100
+BACKENDS = ("auto", "triton", "torch")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -57,14 +68,30 @@ def check_targets(targets, vocab_size: int, name: str = "labels"):
                          f"{vocab_size}) nor {IGNORE_INDEX} (ignored).")
 
 
-def causal_lm_loss(logits, labels=None, num_items_in_batch=None, shift_labels=None, chunk_rows: int = 4096):
+def loss_backend(logits, backend: str = "auto") -> str:
+    """"triton" or "torch": which implementation `causal_lm_loss` runs for these logits. "auto" takes the Triton
+    kernels for fp16 / bf16 / fp32 CUDA logits when triton is installed; "triton" forces them (for tests: CPU
+    tensors then need TRITON_INTERPRET=1), "torch" forces the chunked reference."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
+    if backend == "auto":
+        fits = logits.is_cuda and logits.dtype in _TRITON_DTYPES and logits.shape[-1] > 0
+        return "triton" if HAS_TRITON_LOSS and fits else "torch"
+    if backend == "triton" and not HAS_TRITON_LOSS:
+        raise ImportError("causal_lm_loss(backend='triton') needs triton (modeling_fwp.loss_triton).")
+    return backend
+
+
+def causal_lm_loss(logits, labels=None, num_items_in_batch=None, shift_labels=None, chunk_rows: int = 4096,
+                   backend: str = "auto"):
     """Loss of `logits` [B, T, V] predicting `labels` [B, T] shifted by one (as transformers' ForCausalLMLoss).
 
     `shift_labels` [B, T] are targets already aligned with the logits (what sequence/context-parallel training
     passes, since a shard's last target lives on the next shard); they take the place of `labels`. With
     `num_items_in_batch` (a number or tensor) the summed loss is divided by it, so gradient accumulation over
     several micro-batches is exact; otherwise it is the mean over the non-ignored targets. A batch with no target
-    at all (every label -100, or `num_items_in_batch` 0) gives loss 0 with zero gradients, not NaN."""
+    at all (every label -100, or `num_items_in_batch` 0) gives loss 0 with zero gradients, not NaN. `backend`: see
+    `loss_backend` (`chunk_rows` applies to the "torch" path only)."""
     given = labels if shift_labels is None else shift_labels
     name = "labels" if shift_labels is None else "shift_labels"
     if given.shape != logits.shape[:2]:
@@ -77,7 +104,11 @@ def causal_lm_loss(logits, labels=None, num_items_in_batch=None, shift_labels=No
         targets = shift_labels
     check_targets(targets, logits.shape[-1], name)
     targets = targets.reshape(-1).to(logits.device)
-    total = _ChunkedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets, chunk_rows)
+    rows = logits.reshape(-1, logits.shape[-1])
+    if loss_backend(logits, backend) == "triton":
+        total = cross_entropy_sum_triton(rows, targets, IGNORE_INDEX)
+    else:
+        total = _ChunkedCrossEntropy.apply(rows, targets, chunk_rows)
     if num_items_in_batch is None:
         num_items_in_batch = (targets != IGNORE_INDEX).sum()
     if torch.is_tensor(num_items_in_batch):
