@@ -735,6 +735,8 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
         compile_config = compile_config or self._default_compile_config()
         # The fields themselves, not to_dict()'s deep copy, so a backend object (a callable) is used as given.
         options = {name: getattr(compile_config, name) for name in ("fullgraph", "dynamic", "backend", "mode", "options")}
+        if options["dynamic"] is None:  # a cache has one batch size: a static graph per size, not one dynamic graph
+            options["dynamic"] = False  # (which dynamo would build at the second size, and inductor tune from scratch)
         key = tuple((name, id(value) if callable(value) else repr(value)) for name, value in options.items())
         if getattr(self, "_captured_options", None) == key:
             return self._compiled_call

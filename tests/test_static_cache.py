@@ -69,6 +69,21 @@ def test_captured_generate_of_more_variants(variant):
     assert_steps_equal_full_forward(model, out, prompts)
 
 
+def test_each_batch_size_gets_a_static_graph():
+    """transformers' CompileConfig leaves `dynamic` unset, so dynamo would recompile the step with a symbolic batch
+    size at the second size seen (and inductor tune that graph from scratch); a cache has one size, so each gets
+    its own static graph."""
+    model = make_model("delta_net")
+    config, counter = captured()
+    config.dynamic = None
+    for rows in (1, 3):
+        static_generate(model, random_ids(rows, 5), 3, config)
+    assert counter.frame_count == 2
+    placeholders = [node.meta.get("example_value") for graph in counter.graphs for node in graph.graph.nodes
+                    if node.op == "placeholder"]
+    assert not any(isinstance(value, torch.SymInt) for value in placeholders)
+
+
 def test_joint_projection_weights_follow_a_weight_change():
     """The captured step multiplies with a concatenated copy of the projection weights: a training step between
     two generate() calls must reach it (the copy is rebuilt when a parameter's version counter moves)."""
