@@ -840,7 +840,8 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token targets (shifted inside the model); -100 is ignored. `num_items_in_batch` (a kwarg the Trainer
             passes) makes the loss a sum divided by it, so gradient accumulation is exact. The loss is computed in
-            fp32 chunk by chunk (`losses.causal_lm_loss`), so no full fp32 copy of the logits is made.
+            fp32 without a full fp32 copy of the logits (`losses.causal_lm_loss`: fused Triton kernels on CUDA,
+            chunk by chunk in PyTorch elsewhere).
         shift_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*, a keyword argument):
             Targets already aligned with the logits (sequence / context-parallel training passes them); used instead
             of shifting `labels`.
