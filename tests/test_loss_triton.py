@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from triton_interpreter import REPO, run_cases, value_error_messages, worker_results
+from triton_interpreter import REPO, launch_settings, run_cases, value_error_messages, worker_results
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -96,10 +96,8 @@ def make_case(spec, seed=0, device="cpu"):
 def run_case(spec, seed=0, device="cpu"):
     from modeling_fwp import loss_triton
 
-    try:
+    with launch_settings(loss_triton, spec.get("tune", {})):
         return _run_case(spec, seed, device)
-    finally:
-        loss_triton.TUNE.clear()
 
 
 def _run_case(spec, seed, device):
@@ -108,8 +106,6 @@ def _run_case(spec, seed, device):
     from modeling_fwp import loss_triton
     from modeling_fwp.losses import causal_lm_loss
 
-    loss_triton.TUNE.clear()
-    loss_triton.TUNE.update(spec.get("tune", {}))
     leaf, logits, targets = make_case(spec, seed, device)
     dtype, scale = logits.dtype, spec.get("scale", 3.0)
     before = leaf.detach().clone()

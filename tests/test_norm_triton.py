@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from triton_interpreter import REPO, run_cases, value_error_messages, worker_results
+from triton_interpreter import REPO, launch_settings, run_cases, value_error_messages, worker_results
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -70,10 +70,8 @@ def run_case(spec, seed=0, device="cpu"):
     """Relative errors of y and every gradient against the float64 reference; dtype checks as 0/1 entries."""
     from modeling_fwp import norm_triton
 
-    try:
+    with launch_settings(norm_triton, spec.get("tune", {})):
         return _run_case(spec, seed, device)
-    finally:
-        norm_triton.TUNE.clear()
 
 
 def _run_case(spec, seed, device):
@@ -83,8 +81,6 @@ def _run_case(spec, seed, device):
     from modeling_fwp.feature_maps import normalize_qk
     from modeling_fwp.modeling_fwp import FWPRMSNorm
 
-    norm_triton.TUNE.clear()
-    norm_triton.TUNE.update(spec.get("tune", {}))
     gen = torch.Generator().manual_seed(seed)
     op, shape, dtype = spec["op"], list(spec["shape"]), DTYPES[spec["dtype"]]
     grad = spec.get("grad", True)
@@ -149,7 +145,6 @@ def _run_case(spec, seed, device):
             errs["d" + k] = rel(a, b)
             ok *= float(a.dtype == leaves[k].dtype and a.shape == leaves[k].shape)
         errs["grad_dtypes_ok"] = ok
-    norm_triton.TUNE.clear()
     return errs
 
 

@@ -7,6 +7,7 @@ and each test checks its own case's entry.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -16,6 +17,18 @@ import traceback
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def launch_settings(module, overrides: dict):
+    """A kernel module's launch-setting overrides (`module.TUNE`) for one case, cleared afterwards even when the case
+    fails, so no setting leaks into the next case."""
+    module.TUNE.clear()
+    module.TUNE.update(overrides)
+    try:
+        yield
+    finally:
+        module.TUNE.clear()
 
 
 def run_cases(cases: dict, run_case, **extra) -> None:
