@@ -6,10 +6,16 @@
 
 Forward is timed under torch.no_grad (inference) and with inputs that require grad (the training forward, which
 records the graph); forward+backward backpropagates o.sum(). The runs of the different implementations are
-interleaved, so background load hits them alike; the table gives medians, or with --stat min the fastest round
+interleaved, so background load hits them alike; each table gives medians, or with --stat min the fastest round
 (the better estimate when other jobs share the cores); the raw times go to --json.
 
-    python scripts/bench_ops_cpu.py --json bench_ops_cpu.json
+By default two shapes with the same token count, one table each: B=4, T=2048 (several sequences: the per-chunk
+state recursion has B*H independent matrices) and B=1, T=8192 (one long sequence: the recursion is a long serial
+chain over 8 small matrices, the hard case on a 2-core CPU). --shape (repeatable) or --batch/--length/... pick
+others.
+
+    python scripts/bench_ops_cpu.py --stat min --json bench_ops_cpu.json
+    python scripts/bench_ops_cpu.py --shape 1,8192,4,128,128 --shape 8,1024,8,64,64
     python scripts/bench_ops_cpu.py --batch 1 --length 8192 --heads 4 --key-dim 128 --value-dim 128
 """
 
@@ -77,28 +83,21 @@ def time_once(function, inputs, mode):
     return (time.perf_counter() - start) * 1e3
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=2048)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--key-dim", type=int, default=64)
-    parser.add_argument("--value-dim", type=int, default=64)
-    parser.add_argument("--recurrent-length", type=int, default=256, help="T for the (slow) recurrent reference")
-    parser.add_argument("--extra-chunk-sizes", type=int, nargs="*", default=[32],
-                        help="also time our chunk backend at these chunk sizes (default chunk_size is 64)")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--stat", choices=("median", "min"), default="median", help="how rounds are summarised")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+DEFAULT_SHAPES = ((4, 2048, 8, 64, 64), (1, 8192, 8, 64, 64))  # (B, T, H, K, V)
 
-    shape = (args.batch, args.length, args.heads, args.key_dim, args.value_dim)
+
+def parse_shape(text):
+    values = tuple(int(x) for x in text.split(","))
+    if len(values) != 5 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"a shape is B,T,H,K,V (five positive ints), got {text!r}")
+    return values
+
+
+def bench_shape(shape, impls, args):
+    """Times every implementation at one shape; returns (rows, raw times, max |o_ours - o_transformers|)."""
+    batch, length, heads, key_dim, value_dim = shape
     inputs = make_inputs(*shape)
-    short_inputs = make_inputs(args.batch, args.recurrent_length, args.heads, args.key_dim, args.value_dim)
-    impls = implementations(args.extra_chunk_sizes)
+    short_inputs = make_inputs(batch, args.recurrent_length, heads, key_dim, value_dim)
 
     # Sanity: both chunkwise forms compute the same delta rule (the peer scales q by K**-0.5 like our default).
     peer_name = next((name for name in impls if name.startswith("transformers")), None)
@@ -122,34 +121,80 @@ def main():
     reference = {mode: medians.get((peer_name, mode)) for mode in MODES}
     rows = []
     for name in impls:
-        length = args.recurrent_length if name == "ours recurrent" else args.length
-        row = {"implementation": name, "T": length}
+        row = {"implementation": name, "T": args.recurrent_length if name == "ours recurrent" else length}
         for mode in MODES:
             row[f"{mode}_ms"] = round(medians[(name, mode)], 1)
             same_shape = name != "ours recurrent" and reference[mode]
             row[f"{mode}_speedup_vs_transformers"] = round(reference[mode] / medians[(name, mode)], 2) if same_shape else None
         rows.append(row)
+    return rows, times, max_diff
 
+
+def print_table(shape, rows, max_diff, args):
+    batch, length, heads, key_dim, value_dim = shape
     load = os.getloadavg()
-    print(f"B={args.batch} T={args.length} H={args.heads} K={args.key_dim} V={args.value_dim} fp32, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.stat} of {args.repeats}, "
+    print(f"B={batch} T={length} H={heads} K={key_dim} V={value_dim} fp32, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {args.stat} of {args.repeats}, "
           f"load average after the run {load[0]:.1f} on {os.cpu_count()} CPUs")
     print()
     header = "".join(f" {MODE_TITLES[mode]} ms | speed-up |" for mode in MODES)
-    print(f"| implementation | T |{header}")
-    print("|---|---|" + "---|---|" * len(MODES))
+    print(f"| implementation | B | T |{header}")
+    print("|---|---|---|" + "---|---|" * len(MODES))
     for row in rows:
         cells = ""
         for mode in MODES:
             speed = row[f"{mode}_speedup_vs_transformers"]
             cells += f" {row[f'{mode}_ms']:.1f} | {f'{speed:.2f}x' if speed else '-'} |"
-        print(f"| {row['implementation']} | {row['T']} |{cells}")
+        print(f"| {row['implementation']} | {batch} | {row['T']} |{cells}")
     if max_diff is not None:
         print(f"\nmax |o_ours - o_transformers| = {max_diff:.2e}")
+    print(flush=True)
+    return load
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=parse_shape, action="append", default=None, metavar="B,T,H,K,V",
+                        help="a shape to time (repeatable); default: " + " and ".join(
+                            ",".join(map(str, shape)) for shape in DEFAULT_SHAPES))
+    single = "one shape from these (unset dimensions from B=4, T=2048, H=8, K=V=64), instead of the defaults"
+    parser.add_argument("--batch", type=int, default=None, help=single)
+    parser.add_argument("--length", type=int, default=None, help=single)
+    parser.add_argument("--heads", type=int, default=None, help=single)
+    parser.add_argument("--key-dim", type=int, default=None, help=single)
+    parser.add_argument("--value-dim", type=int, default=None, help=single)
+    parser.add_argument("--recurrent-length", type=int, default=256, help="T for the (slow) recurrent reference")
+    parser.add_argument("--extra-chunk-sizes", type=int, nargs="*", default=[32],
+                        help="also time our chunk backend at these chunk sizes (default chunk_size is 64)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--stat", choices=("median", "min"), default="median", help="how rounds are summarised")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    shapes = list(args.shape or [])
+    dims = (args.batch, args.length, args.heads, args.key_dim, args.value_dim)
+    if any(d is not None for d in dims):
+        shapes.append(tuple(d if d is not None else default for d, default in zip(dims, DEFAULT_SHAPES[0])))
+    shapes = shapes or list(DEFAULT_SHAPES)
+    impls = implementations(args.extra_chunk_sizes)
+
+    results = []
+    for shape in shapes:
+        rows, times, max_diff = bench_shape(shape, impls, args)
+        load = print_table(shape, rows, max_diff, args)
+        results.append({
+            "shape": dict(zip(("B", "T", "H", "K", "V"), shape)),
+            "load_average_after": load,
+            "max_abs_diff_vs_transformers": max_diff,
+            "rows": rows,
+            "raw_ms": {f"{name} | {mode}": values for (name, mode), values in times.items()},
+        })
 
     if args.json:
         result = {
-            "shape": dict(zip(("B", "T", "H", "K", "V"), shape)),
             "dtype": "float32",
             "repeats": args.repeats,
             "stat": args.stat,
@@ -157,11 +202,8 @@ def main():
             "torch": torch.__version__,
             "machine": platform.machine(),
             "cpu_count": os.cpu_count(),
-            "load_average_after": load,
             "processor": platform.processor(),
-            "max_abs_diff_vs_transformers": max_diff,
-            "rows": rows,
-            "raw_ms": {f"{name} | {mode}": values for (name, mode), values in times.items()},
+            "shapes": results,
         }
         args.json.write_text(json.dumps(result, indent=2))
 

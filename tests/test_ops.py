@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_fwp import ops
+from modeling_fwp import ops, ops_chunk
 from modeling_fwp.ops import BACKENDS, available_backends, delta_rule, delta_rule_recurrent, sum_rule, sum_rule_recurrent
-from modeling_fwp.ops_chunk import unit_lower_inverse
+from modeling_fwp.ops_chunk import block_chunks, unit_lower_inverse
 
 # Triton runs on CPU only through its interpreter; its own tests live with the triton helper's files.
 _TRITON_ON_CPU = (Path(ops.__file__).with_name("ops_triton.py").exists() and os.environ.get("TRITON_INTERPRET") == "1"
@@ -174,6 +174,80 @@ def test_strided_inputs_and_output_only_gradients(backend):
     _assert_all_close(results[backend], results["recurrent"], **_tolerance(backend))
 
 
+# ----------------------------------------------------------------------------------------------- blocks of chunks
+# The chunk backend's forward and backward run in blocks of block_chunks(B*H, C, n) consecutive chunks (about
+# ops_chunk.BLOCK_ROWS token-head rows each, T for groups of blocks of up to OUTER_ROWS rows); the tests above fit
+# in one block. These force several blocks and groups, with a ragged last block and a ragged last chunk, so the
+# state carried from block to block (forward), dL/dS carried back (backward) and the block- and group-sized
+# buffers reused without a graph are all exercised.
+
+
+def _blocks_of(monkeypatch, chunks, batch_heads, size):
+    """Blocks of `chunks` chunks in the forward (T computed for groups of two blocks), and of one chunk fewer (at
+    least one) in the backward."""
+    monkeypatch.setattr(ops_chunk, "BLOCK_ROWS", chunks * batch_heads * size)
+    monkeypatch.setattr(ops_chunk, "OUTER_ROWS", 2 * chunks * batch_heads * size)
+    monkeypatch.setattr(ops_chunk, "BACKWARD_BLOCK_ROWS", max(1, chunks - 1) * batch_heads * size)
+    assert block_chunks(batch_heads, size, 1000) == chunks
+
+
+@pytest.mark.parametrize("chunks_per_block", [1, 3, 1000], ids=["1", "3", "all"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
+def test_blocks_of_chunks_match_recurrent(monkeypatch, chunks_per_block, with_state):
+    """B = 1 and many chunks (13 chunks of 16 tokens, the last one ragged): outputs, final state, every gradient."""
+    _blocks_of(monkeypatch, chunks_per_block, 2, 16)
+    q, k, v, beta, state = _inputs(1, 16 * 12 + 5, 2, 16, 12, with_state)
+    expected = _run_with_grads("delta", "recurrent", q, k, v, beta, state)
+    actual = _run_with_grads("delta", "chunk", q, k, v, beta, state, chunk_size=16)
+    _assert_all_close(actual, expected, **_tolerance("chunk"))
+
+
+@pytest.mark.parametrize("chunks_per_block", [1, 2, 1000], ids=["1", "2", "all"])
+def test_blocks_of_chunks_without_graph(monkeypatch, chunks_per_block):
+    """no_grad (and inputs that require grad under no_grad): block-sized buffers, reused block after block."""
+    _blocks_of(monkeypatch, chunks_per_block, 6, 8)
+    q, k, v, beta, state = _inputs(2, 8 * 7 + 3, 3, 8, 5, True)
+    o_ref, s_ref = delta_rule_recurrent(q, k, v, beta, initial_state=state, output_final_state=True)
+    for requires_grad in (False, True):
+        leaves = [x.clone().requires_grad_(requires_grad) for x in (q, k, v, beta, state)]
+        with torch.no_grad():
+            o, final = delta_rule(*leaves[:4], initial_state=leaves[4], output_final_state=True, backend="chunk",
+                                  chunk_size=8)
+        assert o.is_contiguous() and not o.requires_grad
+        _assert_all_close([o, final], [o_ref, s_ref], **_tolerance("chunk"))
+
+
+@pytest.mark.parametrize("chunks_per_block", [1, 2])
+def test_blocks_of_chunks_packed(monkeypatch, chunks_per_block):
+    """Packed sequences (cu_seqlens) across several blocks, with one initial state per sequence."""
+    lengths = [37, 0, 70, 16, 3]
+    _blocks_of(monkeypatch, chunks_per_block, 2 * len(lengths), 16)
+    q, k, v, beta, state = _inputs(1, sum(lengths), 2, 16, 8, True, num_states=len(lengths))
+    cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    expected = _run_with_grads("delta", "recurrent", q, k, v, beta, state, cu_seqlens=cu_seqlens)
+    actual = _run_with_grads("delta", "chunk", q, k, v, beta, state, cu_seqlens=cu_seqlens, chunk_size=16)
+    _assert_all_close(actual, expected, **_tolerance("chunk"))
+
+
+def test_long_single_sequence_default_blocks():
+    """B = 1, T = 2400 at the default chunk size and block sizes: 38 chunks (the last one ragged) in several blocks
+    (16 and 8 chunks forward and backward at the defaults), the last block ragged in both, against the float64
+    recurrent reference with an initial state (outputs, final state, all gradients)."""
+    q, k, v, beta, state = _inputs(1, 2400, 4, 16, 16, True)
+    for rows in (ops_chunk.BLOCK_ROWS, ops_chunk.BACKWARD_BLOCK_ROWS):
+        assert 1 < block_chunks(4, 64, 38, rows) < 38 and 38 % block_chunks(4, 64, 38, rows)
+    expected = _run_with_grads("delta", "recurrent", q, k, v, beta, state)
+    actual = _run_with_grads("delta", "chunk", q, k, v, beta, state)
+    _assert_all_close(actual, expected, **_tolerance("chunk"))
+
+
+def test_block_chunks():
+    assert block_chunks(8, 64, 128) == ops_chunk.BLOCK_ROWS // (8 * 64)
+    assert block_chunks(8, 64, 128, 1024) == 2
+    assert block_chunks(8, 64, 3) == 3  # never more chunks than there are
+    assert block_chunks(4096, 64, 10) == 1  # at least one chunk, however many rows one chunk has
+
+
 # ----------------------------------------------------------------------------------------------- dtypes and edge cases
 
 
@@ -299,13 +373,24 @@ def test_chunk_backward_gradcheck():
     assert torch.autograd.gradcheck(both_outputs, leaves)
 
 
-@pytest.mark.parametrize("size", [1, 5, 8, 63, 64, 77])
+@pytest.mark.parametrize("size", [1, 5, 8, 12, 16, 32, 63, 64, 77, 128])
 def test_unit_lower_inverse_matches_dense_inverse(size):
     strict_lower = 0.3 * torch.randn(3, size, size, dtype=torch.float64).tril(-1)
     expected = torch.linalg.inv(strict_lower + torch.eye(size, dtype=torch.float64))
     torch.testing.assert_close(unit_lower_inverse(strict_lower), expected)
     torch.testing.assert_close(unit_lower_inverse(strict_lower.transpose(-1, -2).contiguous().transpose(-1, -2)),
                                expected)  # a non-contiguous input
+    out = torch.full_like(strict_lower, float("nan"))
+    assert unit_lower_inverse(strict_lower, out=out) is out
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("block", [1, 2, 4, 16])
+def test_unit_lower_inverse_block_sizes(block):
+    """Other diagonal block sizes for the forward substitution (the merges then double from there)."""
+    strict_lower = 0.3 * torch.randn(4, 64, 64, dtype=torch.float64).tril(-1)
+    expected = torch.linalg.inv(strict_lower + torch.eye(64, dtype=torch.float64))
+    torch.testing.assert_close(unit_lower_inverse(strict_lower, block), expected)
 
 
 def test_unit_lower_inverse_fp32_with_identical_keys():
