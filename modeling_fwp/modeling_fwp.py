@@ -33,7 +33,7 @@ try:  # fused Triton layer kernels; without triton every layer op runs in plain 
     from .conv_triton import HAS_TRITON as HAS_FUSED_CONV
     from .conv_triton import short_conv_triton
     from .norm_triton import HAS_TRITON as HAS_FUSED_NORMS
-    from .norm_triton import l2_norm_triton, rms_norm_triton, swiglu_triton
+    from .norm_triton import l2_norm_triton, rms_norm_triton, swiglu_linear_triton, swiglu_triton
 except ImportError:  # pragma: no cover
     HAS_FUSED_CONV = HAS_FUSED_NORMS = False
 
@@ -450,10 +450,20 @@ class FWPFeedForward(nn.Module):
             gate, up = ((self.gate_proj(x), self.up_proj(x)) if joint_weight is None else
                         F.linear(x, joint_weight).chunk(2, dim=-1))
             if HAS_FUSED_NORMS and use_fused_kernels(x, self.config):
+                if self._recompute_swiglu():
+                    return swiglu_linear_triton(gate, up, self.down_proj.weight)
                 hidden = swiglu_triton(gate, up)
             else:
                 hidden = F.silu(gate) * up
         return self.down_proj(self.dropout(hidden))
+
+    def _recompute_swiglu(self) -> bool:
+        """Training with the fused kernels: SwiGLU and the down projection in one autograd op that recomputes
+        silu(gate) * up in the backward instead of keeping it (the largest activation of the layer). Only where
+        that is exactly `down_proj(dropout(hidden))`: a plain down_proj (not wrapped by PEFT, not hooked) and no
+        active dropout."""
+        return (torch.is_grad_enabled() and _plain_linear(self.down_proj)
+                and not (self.dropout.p > 0 and self.training))
 
 
 class FWPBlock(GradientCheckpointingLayer):

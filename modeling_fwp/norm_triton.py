@@ -3,7 +3,7 @@
 Why: in PyTorch each of these runs ~5 kernels forward and ~10 backward and autograd keeps several fp32
 temporaries.  Here each is one kernel each way: the forward reads x once and writes y once, the backward
 reads x and dy once and writes dx once, and only the inputs (plus one fp32 scalar per row for the norms)
-are saved for backward.
+are saved for backward (the L2 norm saves its output instead, which its consumer keeps anyway).
 
     rms_norm_triton(x, weight, eps, out_dtype=None)  reference: modeling_fwp.FWPRMSNorm.forward
         y = weight * (x * rsqrt(mean(x^2) + eps)) over the last dim, fp32 math, y in out_dtype (default x.dtype)
@@ -11,6 +11,8 @@ are saved for backward.
         y = x * rsqrt(sum(x^2) + eps) over the last dim, fp32 math, y in x.dtype
     swiglu_triton(gate, up)                          reference: F.silu(gate) * up
         fp32 math, y in gate.dtype; the backward recomputes the sigmoid
+    swiglu_linear_triton(gate, up, weight)           reference: F.linear(F.silu(gate) * up, weight)
+        the same, then the down projection; silu(gate) * up is recomputed in the backward, not saved
 
 Math is fp32 for fp16 / bf16 / fp32 inputs and fp64 for fp64 inputs.  Inputs must be CUDA tensors, or CPU
 tensors under TRITON_INTERPRET=1 (that is how CI tests them).  Unlike ops_triton.py, this module imports
@@ -33,7 +35,8 @@ except ImportError as error:
     HAS_TRITON = False
     _TRITON_IMPORT_ERROR = repr(error)
 
-__all__ = ["HAS_TRITON", "MAX_N", "TUNE", "l2_norm_triton", "rms_norm_triton", "swiglu_triton"]
+__all__ = ["HAS_TRITON", "MAX_N", "TUNE", "l2_norm_triton", "rms_norm_triton", "swiglu_linear_triton",
+           "swiglu_triton"]
 
 # Widest normalised row: the whole row stays in registers (one block of next_pow2(N) columns).
 MAX_N = 16384
@@ -78,8 +81,10 @@ if HAS_TRITON:
     @triton.jit
     def _row_norm_bwd_kernel(X, W, DY, DX, DW, RSTD, rows, N, stride_x, tiles_per_prog,
                              HAS_W: tl.constexpr, DO_DW: tl.constexpr, MEAN: tl.constexpr,
-                             ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """dx = rstd * (g - xhat * <g, xhat> / n) with g = w * dy, xhat = x * rstd (n = N for RMS, 1 for L2).
+                             X_NORMED: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
+        """dx = rstd * (g - xhat * <g, xhat> / n) with g = w * dy, xhat = x * rstd (n = N for RMS, 1 for L2);
+        X_NORMED: X already holds xhat (the L2 norm's own output, which its consumer saves anyway).
         Each program walks `tiles_per_prog` consecutive row tiles and writes its partial sum of dy * xhat
         (the weight gradient) to row pid of DW [programs, N]; the host sums DW over programs (deterministic)."""
         pid = tl.program_id(0)
@@ -97,7 +102,10 @@ if HAS_TRITON:
             x = tl.load(X + r64[:, None] * stride_x + c[None, :], mask=m, other=0.0).to(ACC)
             dy = tl.load(DY + r64[:, None] * N + c[None, :], mask=m, other=0.0).to(ACC)
             rstd = tl.load(RSTD + r, mask=mr, other=0.0).to(ACC)
-            xhat = x * rstd[:, None]
+            if X_NORMED:
+                xhat = x
+            else:
+                xhat = x * rstd[:, None]
             if HAS_W:
                 g = dy * w[None, :]
             else:
@@ -135,9 +143,11 @@ if HAS_TRITON:
         tl.store(Y + r64 * N + c[None, :], y.to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _swiglu_bwd_kernel(G, U, DY, DG, DU, rows, N, stride_g, stride_u, n_col_blocks,
-                           ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """s = sigmoid(g) recomputed;  dg = dy * u * s * (1 + g * (1 - s)),  du = dy * g * s."""
+    def _swiglu_bwd_kernel(G, U, DY, DG, DU, Y, rows, N, stride_g, stride_u, n_col_blocks,
+                           STORE_Y: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+        """s = sigmoid(g) recomputed;  dg = dy * u * s * (1 + g * (1 - s)),  du = dy * g * s.  STORE_Y also
+        writes the recomputed y = g * s * u (for the weight gradient of the matmul that consumed it)."""
         r64, c, m, g, u = _swiglu_tile(G, U, rows, N, stride_g, stride_u, n_col_blocks, ACC, BLOCK_M, BLOCK_N)
         dy = tl.load(DY + r64 * N + c[None, :], mask=m, other=0.0).to(ACC)
         s = 1.0 / (1.0 + tl.exp(-g))
@@ -146,6 +156,8 @@ if HAS_TRITON:
         du = dy * gs
         tl.store(DG + r64 * N + c[None, :], dg.to(DG.dtype.element_ty), mask=m)
         tl.store(DU + r64 * N + c[None, :], du.to(DU.dtype.element_ty), mask=m)
+        if STORE_Y:
+            tl.store(Y + r64 * N + c[None, :], (gs * u).to(Y.dtype.element_ty), mask=m)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -228,7 +240,7 @@ def _row_norm_fwd(x, weight, eps, out_dtype, mean, store_rstd):
     return y, x2, rstd
 
 
-def _row_norm_bwd(x2, weight, rstd, dy, x_shape, x_dtype, mean, need_dw):
+def _row_norm_bwd(x2, weight, rstd, dy, x_shape, x_dtype, mean, need_dw, x_normed=False):
     n = x2.shape[1]
     rows = x2.shape[0]
     dy2 = dy.contiguous().view(-1, n)
@@ -248,7 +260,8 @@ def _row_norm_bwd(x2, weight, rstd, dy, x_shape, x_dtype, mean, need_dw):
     dw_part = torch.empty((programs, n) if need_dw else (0,), dtype=acc, device=x2.device)
     _row_norm_bwd_kernel[(programs,)](
         x2, weight if weight is not None else x2, dy2, dx, dw_part if need_dw else x2, rstd, rows, n,
-        _row_stride(x2), per_prog, HAS_W=weight is not None, DO_DW=need_dw, MEAN=mean, ACC=_acc(x_dtype),
+        _row_stride(x2), per_prog, HAS_W=weight is not None, DO_DW=need_dw, MEAN=mean, X_NORMED=x_normed,
+        ACC=_acc(x_dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return dx, (dw_part.sum(0) if need_dw else None)
 
@@ -272,19 +285,24 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 class _L2NormFunction(torch.autograd.Function):
+    """Saves its output y = x * rstd, not x: the update rule saves the normalised q and k anyway, so x (the
+    convolution's output) can be freed, one [tokens, heads * head_dim] tensor less per layer (fla does the same)."""
+
     @staticmethod
     def forward(ctx, x, eps, store):
-        y, x2, rstd = _row_norm_fwd(x, None, eps, x.dtype, mean=False, store_rstd=store)
+        y, _, rstd = _row_norm_fwd(x, None, eps, x.dtype, mean=False, store_rstd=store)
         if store:
-            ctx.save_for_backward(x2, rstd)
+            ctx.save_for_backward(y, rstd)
         ctx.x_meta = (x.shape, x.dtype)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x2, rstd = ctx.saved_tensors
-        dx, _ = _row_norm_bwd(x2, None, rstd, dy, *ctx.x_meta, mean=False, need_dw=False)
+        y, rstd = ctx.saved_tensors
+        n = y.shape[-1]
+        dx, _ = _row_norm_bwd(y.view(-1, n), None, rstd, dy, *ctx.x_meta, mean=False, need_dw=False,
+                              x_normed=True)
         return dx, None, None
 
 
@@ -311,7 +329,8 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype
 
 def l2_norm_triton(x: torch.Tensor, eps: float):
     """normalize_qk(x, "l2", eps) in one kernel each way, fp32 math (the reference computes in x.dtype), y and
-    dx in x.dtype.  x [..., N] with N <= MAX_N.  Saves x and one rstd per row."""
+    dx in x.dtype.  x [..., N] with N <= MAX_N.  Saves its output y and one rstd per row; the backward uses
+    dx = rstd * (dy - y * <dy, y>)."""
     _check("l2_norm_triton", x)
     n = x.shape[-1] if x.dim() else 0
     if x.dim() == 0 or not 1 <= n <= MAX_N:
@@ -335,41 +354,80 @@ def _ew_meta(n: int, rows: int):
     return block_n, block_m, warps
 
 
+def _swiglu_fwd(g2, u2, shape, dtype):
+    rows, n = g2.shape
+    y = torch.empty(shape, dtype=dtype, device=g2.device)
+    if rows > 0 and n > 0:
+        block_n, block_m, warps = _ew_meta(n, rows)
+        ncb = triton.cdiv(n, block_n)
+        _swiglu_fwd_kernel[(triton.cdiv(rows, block_m) * ncb,)](
+            g2, u2, y, rows, n, _row_stride(g2), _row_stride(u2), ncb,
+            ACC=_acc(torch.promote_types(g2.dtype, u2.dtype)), BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=warps)
+    return y
+
+
+def _swiglu_bwd(g2, u2, dy, shape, g_dtype, u_dtype, want_y=False):
+    """dgate, dup (and the recomputed y [rows, n] when want_y) from the saved inputs and dy."""
+    rows, n = g2.shape
+    dy2 = dy.contiguous().view(-1, n) if n > 0 else dy
+    dg = torch.empty(shape, dtype=g_dtype, device=g2.device)
+    du = torch.empty(shape, dtype=u_dtype, device=g2.device)
+    y = torch.empty((rows, n), dtype=g_dtype, device=g2.device) if want_y else None
+    if rows > 0 and n > 0:
+        block_n, block_m, warps = _ew_meta(n, rows)
+        ncb = triton.cdiv(n, block_n)
+        _swiglu_bwd_kernel[(triton.cdiv(rows, block_m) * ncb,)](
+            g2, u2, dy2, dg, du, y if want_y else dg, rows, n, _row_stride(g2), _row_stride(u2), ncb,
+            STORE_Y=want_y, ACC=_acc(torch.promote_types(g_dtype, u_dtype)), BLOCK_M=block_m,
+            BLOCK_N=block_n, num_warps=warps)
+    return dg, du, y
+
+
 class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         n = gate.shape[-1]
         g2, u2 = _rows_view(gate, n), _rows_view(up, n)
-        rows = g2.shape[0]
-        y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-        if rows > 0 and n > 0:
-            block_n, block_m, warps = _ew_meta(n, rows)
-            ncb = triton.cdiv(n, block_n)
-            _swiglu_fwd_kernel[(triton.cdiv(rows, block_m) * ncb,)](
-                g2, u2, y, rows, n, _row_stride(g2), _row_stride(u2), ncb,
-                ACC=_acc(torch.promote_types(gate.dtype, up.dtype)), BLOCK_M=block_m, BLOCK_N=block_n,
-                num_warps=warps)
         ctx.save_for_backward(g2, u2)
         ctx.meta = (gate.shape, gate.dtype, up.dtype)
-        return y
+        return _swiglu_fwd(g2, u2, gate.shape, gate.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         g2, u2 = ctx.saved_tensors
-        shape, g_dtype, u_dtype = ctx.meta
-        rows, n = g2.shape
-        dy2 = dy.contiguous().view(-1, n) if n > 0 else dy
-        dg = torch.empty(shape, dtype=g_dtype, device=g2.device)
-        du = torch.empty(shape, dtype=u_dtype, device=g2.device)
-        if rows > 0 and n > 0:
-            block_n, block_m, warps = _ew_meta(n, rows)
-            ncb = triton.cdiv(n, block_n)
-            _swiglu_bwd_kernel[(triton.cdiv(rows, block_m) * ncb,)](
-                g2, u2, dy2, dg, du, rows, n, _row_stride(g2), _row_stride(u2), ncb,
-                ACC=_acc(torch.promote_types(g_dtype, u_dtype)), BLOCK_M=block_m, BLOCK_N=block_n,
-                num_warps=warps)
+        dg, du, _ = _swiglu_bwd(g2, u2, dy, *ctx.meta)
         return dg, du
+
+
+class _SwiGLULinearFunction(torch.autograd.Function):
+    """(silu(gate) * up) @ weight^T with the SwiGLU output freed after the matmul: the backward recomputes it
+    (in the kernel that makes dgate and dup) for the weight gradient, so one [tokens, intermediate] tensor per
+    layer is not kept (fla's SwiGLULinear does the same). The matmul runs in gate's dtype (autocast's)."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight):
+        n = gate.shape[-1]
+        g2, u2 = _rows_view(gate, n), _rows_view(up, n)
+        hidden = _swiglu_fwd(g2, u2, g2.shape, gate.dtype)
+        ctx.save_for_backward(g2, u2, weight)
+        ctx.meta = (gate.shape, gate.dtype, up.dtype)
+        out = torch.nn.functional.linear(hidden, weight.to(gate.dtype))
+        return out.view(*gate.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        g2, u2, weight = ctx.saved_tensors
+        shape, g_dtype, _ = ctx.meta
+        dout2 = dout.reshape(-1, weight.shape[0]).to(g_dtype)
+        w = weight.to(g_dtype)
+        dhidden = dout2 @ w
+        need_w = ctx.needs_input_grad[2]
+        dg, du, hidden = _swiglu_bwd(g2, u2, dhidden, *ctx.meta, want_y=need_w)
+        dw = (dout2.t() @ hidden).to(weight.dtype) if need_w else None
+        return dg, du, dw
 
 
 def swiglu_triton(gate: torch.Tensor, up: torch.Tensor):
@@ -385,3 +443,18 @@ def swiglu_triton(gate: torch.Tensor, up: torch.Tensor):
     if gate.dim() == 0:
         return _SwiGLUFunction.apply(gate.view(1), up.view(1)).view(())
     return _SwiGLUFunction.apply(gate, up)
+
+
+def swiglu_linear_triton(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor):
+    """F.linear(F.silu(gate) * up, weight) (a bias-free down projection) that does not keep the SwiGLU output for
+    backward: it saves gate, up and weight and recomputes silu(gate) * up there. The matmul and the gradients of
+    gate and up are in gate's dtype (under autocast, its dtype), the weight's gradient in weight's dtype."""
+    _check("swiglu_linear_triton", gate, up, weight)
+    if gate.shape != up.shape or weight.dim() != 2 or weight.shape[1] != gate.shape[-1]:
+        raise ValueError(f"swiglu_linear_triton: gate {tuple(gate.shape)}, up {tuple(up.shape)} and weight "
+                         f"{tuple(weight.shape)} do not fit (weight must be [out, gate.shape[-1]])")
+    if not (gate.device == up.device == weight.device):
+        raise ValueError("swiglu_linear_triton: gate, up and weight are on different devices")
+    if gate.dim() < 2 or gate.numel() == 0:
+        return torch.nn.functional.linear(swiglu_triton(gate, up), weight.to(gate.dtype))
+    return _SwiGLULinearFunction.apply(gate, up, weight)

@@ -1,7 +1,8 @@
 """Fused norm / SwiGLU kernels (modeling_fwp/norm_triton.py) against their PyTorch references in float64.
 
-References: FWPRMSNorm (random weight), feature_maps.normalize_qk(x, "l2", eps), F.silu(gate) * up; outputs
-and every gradient (random upstream gradient) are compared by relative norm of the difference.
+References: FWPRMSNorm (random weight), feature_maps.normalize_qk(x, "l2", eps), F.silu(gate) * up and
+F.linear(F.silu(gate) * up, weight); outputs and every gradient (random upstream gradient) are compared by
+relative norm of the difference. What the memory-saving ops keep for backward is checked too.
 
 On CPU the kernels run under Triton's interpreter.  TRITON_INTERPRET=1 must be set before triton is first
 imported, and another test file may already have imported triton in this pytest process, so all CPU cases
@@ -52,6 +53,15 @@ for _op in ("rms", "l2", "swiglu"):
 for _n in (64, 200):
     CASES[f"l2_loop_37x{_n}"] = dict(op="l2", shape=[37, _n], dtype="fp32", tune=_LOOP)
     CASES[f"swiglu_tiles_37x{_n}"] = dict(op="swiglu", shape=[37, _n], dtype="fp32", tune=dict(block_m=4, block_n=32))
+for _name, _spec in {"37x40_fp32": dict(shape=[37, 40], dtype="fp32"),
+                     "2x5x200_fp32": dict(shape=[2, 5, 200], dtype="fp32"),
+                     "2x5x64_bf16": dict(shape=[2, 5, 64], dtype="bf16"),
+                     "37x40_fp64": dict(shape=[37, 40], dtype="fp64"),
+                     "halves_37x40": dict(shape=[37, 40], dtype="fp32", strided=True),
+                     "frozen_weight_37x40": dict(shape=[37, 40], dtype="fp32", wgrad=False),
+                     "tiles_37x64": dict(shape=[37, 64], dtype="fp32", tune=dict(block_m=4, block_n=32)),
+                     "nograd_37x40": dict(shape=[37, 40], dtype="fp32", grad=False)}.items():
+    CASES["swiglu_linear_" + _name] = dict(op="swiglu_linear", **_spec)
 CASES.update({
     "rms_37x1024_fp32_to_bf16": dict(op="rms", shape=[37, 1024], dtype="fp32", out="bf16"),
     "rms_2x5x3x64_fp32_to_bf16": dict(op="rms", shape=[2, 5, 3, 64], dtype="fp32", out="bf16"),
@@ -90,7 +100,7 @@ def _run_case(spec, seed, device):
         return torch.randn(tuple(s), generator=gen).to(device=device, dtype=dt)
 
     # leaves: what requires grad; inputs: what the kernel gets (views of the leaves when strided)
-    if op == "swiglu":
+    if op in ("swiglu", "swiglu_linear"):
         if spec.get("strided"):
             fused = rnd(*shape[:-1], 2 * n)
             leaves = {"gate_up": fused}
@@ -98,6 +108,10 @@ def _run_case(spec, seed, device):
         else:
             leaves = {"gate": rnd(*shape), "up": rnd(*shape)}
             inputs = lambda lv: (lv["gate"], lv["up"])  # noqa: E731
+        if op == "swiglu_linear":  # a down projection of 24 outputs, its weight in fp32 as a model's would be
+            leaves["weight"] = rnd(24, n, dt=torch.float64 if dtype == torch.float64 else torch.float32) / n ** 0.5
+            pair = inputs
+            inputs = lambda lv: (*pair(lv), lv["weight"])  # noqa: E731
     else:
         x = rnd(*shape[:-1], 2 * n)[..., :n] if spec.get("strided") else rnd(*shape)
         leaves = {"x": x}
@@ -120,6 +134,10 @@ def _run_case(spec, seed, device):
             return norm_triton.rms_norm_triton(args[0], args[1], RMS_EPS, out_dtype=out)
         if op == "l2":
             return normalize_qk(args[0], "l2", L2_EPS) if ref else norm_triton.l2_norm_triton(args[0], L2_EPS)
+        if op == "swiglu_linear":
+            if ref:
+                return F.linear(F.silu(args[0]) * args[1], args[2])
+            return norm_triton.swiglu_linear_triton(*args)
         return F.silu(args[0]) * args[1] if ref else norm_triton.swiglu_triton(*args)
 
     with torch.set_grad_enabled(grad):
@@ -134,7 +152,8 @@ def _run_case(spec, seed, device):
         return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
     want_y = DTYPES[spec["out"]] if "out" in spec else dtype
-    errs = {"y": rel(y, ry), "y_dtype_ok": float(y.dtype == want_y and list(y.shape) == shape)}
+    want_shape = shape[:-1] + [24] if op == "swiglu_linear" else shape
+    errs = {"y": rel(y, ry), "y_dtype_ok": float(y.dtype == want_y and list(y.shape) == want_shape)}
     if grad:
         gy = torch.randn(ry.shape, generator=gen, dtype=torch.float64).to(device)
         names = [k for k in leaves if wants[k]]
@@ -148,9 +167,33 @@ def _run_case(spec, seed, device):
     return errs
 
 
+def saved_for_backward():
+    """What each memory-saving op keeps for backward, as {op: {"numel": elements saved, "<tensor>": 0/1 saved}}:
+    the L2 norm keeps its output (which the update rule keeps anyway), not its input; SwiGLU + down projection
+    keeps gate, up and the weight, not the [rows, n] SwiGLU output."""
+    from modeling_fwp import norm_triton
+
+    def record(fn, named):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = fn()
+        ptrs = {t.untyped_storage().data_ptr() for t in saved}
+        named = dict(named, out=out)
+        result = {name: float(t.untyped_storage().data_ptr() in ptrs) for name, t in named.items()}
+        result["numel"] = float(sum(t.numel() for t in saved))
+        return result
+
+    x = torch.randn(37, 64, requires_grad=True)
+    gate, up = torch.randn(37, 40, requires_grad=True), torch.randn(37, 40, requires_grad=True)
+    weight = torch.randn(24, 40, requires_grad=True)
+    return {"l2": record(lambda: norm_triton.l2_norm_triton(x, L2_EPS), {"x": x}),
+            "swiglu_linear": record(lambda: norm_triton.swiglu_linear_triton(gate, up, weight),
+                                    {"gate": gate, "up": up, "weight": weight})}
+
+
 def bad_input_messages():
     """ValueErrors (message text) for inputs the kernels must refuse."""
-    from modeling_fwp.norm_triton import MAX_N, l2_norm_triton, rms_norm_triton, swiglu_triton
+    from modeling_fwp.norm_triton import MAX_N, l2_norm_triton, rms_norm_triton, swiglu_linear_triton, swiglu_triton
 
     x = torch.randn(3, 8)
     tries = {
@@ -160,13 +203,14 @@ def bad_input_messages():
         "int_dtype": lambda: l2_norm_triton(torch.ones(3, 8, dtype=torch.int32), 1e-6),
         "out_dtype": lambda: rms_norm_triton(x, torch.ones(8), 1e-6, out_dtype=torch.int8),
         "swiglu_shapes": lambda: swiglu_triton(x, torch.randn(3, 9)),
+        "swiglu_linear_weight": lambda: swiglu_linear_triton(x, x, torch.randn(4, 9)),
     }
     return value_error_messages(tries)
 
 
 def _worker():
     torch.set_num_threads(1)  # tiny tensors: extra intra-op threads only add sync cost
-    run_cases(CASES, run_case, _bad_inputs=bad_input_messages)
+    run_cases(CASES, run_case, _bad_inputs=bad_input_messages, _saved=saved_for_backward)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +224,8 @@ def _assert_small(name, errs, spec, tol=None):
     assert errs.pop("y_dtype_ok") == 1.0, "wrong output dtype or shape"
     if spec.get("grad", True):
         assert errs.pop("grad_dtypes_ok") == 1.0, "gradients must come back in their input's dtype and shape"
-        leaves = {"rms": ["x", "weight"], "l2": ["x"], "swiglu": ["gate_up"] if spec.get("strided") else ["gate", "up"]}
+        pair = ["gate_up"] if spec.get("strided") else ["gate", "up"]
+        leaves = {"rms": ["x", "weight"], "l2": ["x"], "swiglu": pair, "swiglu_linear": pair + ["weight"]}
         expected = {"d" + k for k in leaves[spec["op"]] if spec.get(k[0] + "grad", True)}
         assert expected <= set(errs), f"missing gradients: {expected - set(errs)}"
     bad = {k: v for k, v in errs.items() if not v < tol}  # `not <` also catches NaN
@@ -196,11 +241,22 @@ def test_interpreter_matches_float64_reference(name, interpreter_results):
 
 @pytest.mark.parametrize("what,needle", [("weight_shape", "weight"), ("N_too_large", "N="), ("N_zero", "N="),
                                          ("int_dtype", "dtype"), ("out_dtype", "out_dtype"),
-                                         ("swiglu_shapes", "shape")])
+                                         ("swiglu_shapes", "shape"), ("swiglu_linear_weight", "weight")])
 def test_interpreter_rejects_bad_input(what, needle, interpreter_results):
     msg = interpreter_results["_bad_inputs"][what]
     assert msg is not None, f"{what}: no ValueError"
     assert needle in msg
+
+
+def test_memory_saving_ops_keep_only_what_backward_needs(interpreter_results):
+    saved = interpreter_results["_saved"]
+    assert "error" not in saved, saved.get("error")
+    l2 = saved["l2"]
+    assert l2["out"] == 1.0 and l2["x"] == 0.0, f"the L2 norm must keep its output, not its input: {l2}"
+    assert l2["numel"] == 37 * 64 + 37, l2  # y and one rstd per row
+    fused = saved["swiglu_linear"]
+    assert fused["gate"] == fused["up"] == fused["weight"] == 1.0, fused
+    assert fused["numel"] == 2 * 37 * 40 + 24 * 40, f"the SwiGLU output must not be kept: {fused}"
 
 
 def test_imports_without_triton(monkeypatch):
@@ -229,6 +285,8 @@ CUDA_CASES = {
     "swiglu_bf16": dict(op="swiglu", shape=[16384, 2816], dtype="bf16"),
     "swiglu_fused_halves_bf16": dict(op="swiglu", shape=[4096, 2816], dtype="bf16", strided=True),
     "swiglu_fp32": dict(op="swiglu", shape=[4096, 2816], dtype="fp32"),
+    "swiglu_linear_bf16": dict(op="swiglu_linear", shape=[16384, 2816], dtype="bf16"),
+    "swiglu_linear_halves_bf16": dict(op="swiglu_linear", shape=[4096, 2816], dtype="bf16", strided=True),
     "rms_N8192_fp32": dict(op="rms", shape=[1000, 8192], dtype="fp32"),
     "rms_N200_rows_odd": dict(op="rms", shape=[3001, 200], dtype="fp32"),
 }
