@@ -332,6 +332,21 @@ def profile(args):
     return out
 
 
+def tuned_picks():
+    """The autotuner's pick for every (kernel, key) our kernels were tuned for in this process: the data the
+    fixed launch settings (FWP_TRITON_AUTOTUNE=0) are chosen from."""
+    picks = []
+    for tuned in ops_triton._TUNED.values():
+        name = getattr(getattr(tuned, "fn", None), "__name__", None) or str(tuned)
+        for key, cfg in getattr(tuned, "cache", {}).items():
+            picks.append(dict(kernel=name, key=[str(k) for k in key], meta=dict(cfg.kwargs),
+                              num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    for p in picks:
+        print(f"tuned {p['kernel']:24s} key {p['key']}: {p['meta']} warps {p['num_warps']} "
+              f"stages {p['num_stages']}", flush=True)
+    return picks
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write results here")
@@ -377,6 +392,8 @@ def main():
     if not args.no_bench:
         result["bench"] = bench(args)
         save()
+    result["tuned"] = tuned_picks()
+    save()
 
 if __name__ == "__main__":
     main()

@@ -59,6 +59,9 @@ def parse_args(argv=None):
                         help="under an FSDP config: the dtype parameters are gathered and used in (see above)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the results here (main process)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure the models in turn this many times (fwp, fla, llama, fwp, ...): a peer whose "
+                             "speed swings between runs is compared with ours in every round")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile 2 steps and print each model's N costliest kernels (GPU time)")
     args = parser.parse_args(argv)
@@ -66,7 +69,7 @@ def parse_args(argv=None):
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         parser.error(f"--models: unknown {unknown}; allowed: {', '.join(MODELS)}")
-    for name in ("batch_size", "seq_len", "steps"):
+    for name in ("batch_size", "seq_len", "steps", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     if args.warmup_steps < 0:
@@ -105,7 +108,7 @@ def build_model(name: str, config, seq_len: int):
     return LlamaForCausalLM(llama_config), "softmax attention, sdpa"
 
 
-def bench_one(name, config, args, accelerator):
+def bench_one(name, config, args, accelerator, profile_top=0):
     torch.manual_seed(args.seed)
     model, note = build_model(name, config, args.seq_len)
     if model is None:
@@ -149,7 +152,7 @@ def bench_one(name, config, args, accelerator):
     last_loss = loss.item()  # also waits for the device
     synchronize()
     seconds = time.perf_counter() - start
-    profile = profile_steps(step, args.profile) if args.profile else None
+    profile = profile_steps(step, profile_top) if profile_top else None
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     peak = accelerator.gather(torch.tensor([peak], device=accelerator.device)).max().item()
     tokens = args.batch_size * args.seq_len * args.steps * accelerator.num_processes
@@ -225,14 +228,14 @@ def profile_markdown(result) -> str:
 
 
 def markdown(results, header) -> str:
-    lines = [header, "", "| model | params (M) | tokens/s (global) | tokens/s / GPU | step (ms) | "
-             "peak memory / GPU (GiB) | last loss | note |", "|---|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| round | model | params (M) | tokens/s (global) | tokens/s / GPU | step (ms) | "
+             "peak memory / GPU (GiB) | last loss | note |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {r['model']} | - | - | - | - | - | - | skipped: {r['skipped']} |")
+            lines.append(f"| {r.get('round', 1)} | {r['model']} | - | - | - | - | - | - | skipped: {r['skipped']} |")
             continue
         peak = "n/a" if math.isnan(r["peak_memory_GiB"]) else f"{r['peak_memory_GiB']:.1f}"
-        lines.append(f"| {r['model']} | {r['parameters_M']:.1f} | {r['tokens_per_s']:,.0f} | "
+        lines.append(f"| {r.get('round', 1)} | {r['model']} | {r['parameters_M']:.1f} | {r['tokens_per_s']:,.0f} | "
                      f"{r['tokens_per_s_per_process']:,.0f} | {r['step_ms']:.0f} | "
                      f"{peak} | {r['last_loss']:.3f} | {r['note']} |")
     return "\n".join(lines)
@@ -254,12 +257,14 @@ def main(argv=None):
             "processes": accelerator.num_processes, "parallelism": parallel, "batch_size_per_process": args.batch_size,
             "seq_len": args.seq_len, "dtype": args.dtype, "warmup_steps": args.warmup_steps, "steps": args.steps,
             "gradient_checkpointing": args.gradient_checkpointing, "torch": torch.__version__, "results": results}
-    for name in args.models:  # each model's line and the JSON so far as soon as it is measured: a run cut off by a
-        results.append(bench_one(name, config, args, accelerator))  # time limit keeps what it measured
-        if accelerator.is_main_process:
-            print(markdown(results[-1:], f"{name} measured"), flush=True)
-            if args.json:
-                Path(args.json).write_text(json.dumps(info, indent=1))
+    for round_index in range(args.rounds):
+        for name in args.models:  # each model's line and the JSON so far as soon as it is measured: a run cut off
+            profile = args.profile if round_index == 0 else 0  # by a time limit keeps what it measured
+            results.append(dict(bench_one(name, config, args, accelerator, profile), round=round_index + 1))
+            if accelerator.is_main_process:
+                print(markdown(results[-1:], f"{name} measured (round {round_index + 1})"), flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(info, indent=1))
     if accelerator.is_main_process:
         header = (f"Training throughput: preset {args.preset}, {accelerator.num_processes} x {device} ({parallel}), "
                   f"{args.batch_size} x {args.seq_len} tokens per process, {args.dtype} autocast, AdamW, "
