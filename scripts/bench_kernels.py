@@ -332,7 +332,7 @@ def profile(args):
     return out
 
 
-def tuned_picks():
+def tuned_picks(quiet=False):
     """The autotuner's pick for every (kernel, key) our kernels were tuned for in this process: the data the
     fixed launch settings (FWP_TRITON_AUTOTUNE=0) are chosen from."""
     picks = []
@@ -341,7 +341,7 @@ def tuned_picks():
         for key, cfg in getattr(tuned, "cache", {}).items():
             picks.append(dict(kernel=name, key=[str(k) for k in key], meta=dict(cfg.kwargs),
                               num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    for p in picks:
+    for p in [] if quiet else picks:
         print(f"tuned {p['kernel']:24s} key {p['key']}: {p['meta']} warps {p['num_warps']} "
               f"stages {p['num_stages']}", flush=True)
     return picks
@@ -377,6 +377,7 @@ def main():
 
     def save():  # after every stage, so a run cut off by a time limit still leaves what it measured
         result["wall_s"] = time.time() - t0
+        result["tuned"] = tuned_picks(quiet=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
@@ -392,8 +393,8 @@ def main():
     if not args.no_bench:
         result["bench"] = bench(args)
         save()
-    result["tuned"] = tuned_picks()
     save()
+    tuned_picks()
 
 if __name__ == "__main__":
     main()
