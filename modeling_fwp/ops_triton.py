@@ -721,6 +721,7 @@ class _Plan:
         if self.NKB > 4:
             raise ValueError(f"head dim K={K} needs more than 4 blocks of {self.BK_s}")
         bv_max = 64 if kp <= 128 else (32 if kp <= 256 else 16)  # state registers: kp * BV <= 8192 fp32
+        self.bv_max = bv_max
         self.BV_s = min(TUNE.get("BV_state") or bv_max, vp)
         self.bv_options = sorted({min(b, vp) for b in (bv_max // 2, bv_max) if b >= 16})
         # Parallel kernels loop over K and V in blocks of BK / BV.
@@ -730,7 +731,6 @@ class _Plan:
         # Loads of the next chunk are software-pipelined; deeper where the tiles leave shared memory room.
         tile_bytes = chunk_size * kp * item * 3
         self.stages_s = TUNE.get("stages_state") or (3 if tile_bytes * 3 <= 200 * 1024 else 2)
-        self.warps = TUNE.get("warps") or 4
         if self.varlen:
             cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
             self.N = cu.numel() - 1
@@ -765,7 +765,16 @@ class _Plan:
     def common(self):
         return dict(H=self.H, K=self.K, V=self.V, BT=self.BT, IS_VARLEN=self.varlen, PREC=self.prec)
 
-    def run_seq(self, kernel, args, flags, key_flags):
+    def fixed_bv_state(self, wide: bool) -> int:
+        """BV of a sequential kernel when not autotuned. The H200's autotuner (K = 64, 2026-12-02,
+        results/bench/kernels_h200_autotuned_run5.json) picked half the widest block, i.e. twice the programs,
+        except for the forward with the output fused in and the state backward (`wide`) at >= 256 sequence x head
+        programs, where the SMs are busy anyway."""
+        if TUNE.get("BV_state") or self.K > 64:
+            return self.BV_s
+        return self.BV_s if (wide and self.NHB >= 256) else max(16, self.BV_s // 2)
+
+    def run_seq(self, kernel, args, flags, key_flags, wide=False):
         """A chunk-sequential kernel, grid (V blocks, sequences x heads)."""
         nh = self.N * self.H
 
@@ -777,22 +786,27 @@ class _Plan:
             configs = [triton.Config(dict(BV=bv), num_warps=4 if self.BK_s * self.NKB * bv <= 8192 else 8,
                                      num_stages=st) for bv in self.bv_options for st in (2, 3, 4)]
         _launch(kernel, grid, args, kwargs, configs, ("K", "V", "BT", "NHB") + tuple(key_flags),
-                dict(BV=self.BV_s, num_warps=self.warps_s, num_stages=self.stages_s))
+                dict(BV=self.fixed_bv_state(wide), num_warps=self.warps_s, num_stages=self.stages_s))
 
-    def run_par(self, kernel, args, extra, key_flags=(), nsplit=None, pairs=((2, 2), (4, 2), (4, 3), (8, 2))):
-        """A chunk-parallel kernel, grid (chunks, heads[, nsplit])."""
+    def run_par(self, kernel, args, extra, key_flags=(), nsplit=None, pairs=((2, 2), (4, 2), (4, 3), (8, 2)),
+                plain=(4, 2)):
+        """A chunk-parallel kernel, grid (chunks, heads[, nsplit]); `plain`: (num_warps, num_stages) when not
+        autotuned (TUNE["warps"] overrides the warps)."""
         grid_c = self.grid_chunks if nsplit is None else self.grid_chunks + (nsplit,)
         kwargs = dict(self.common(), BK=self.BK, BV=self.BV, **extra)
+        warps = TUNE.get("warps") or plain[0]
         _launch(kernel, lambda meta: grid_c, args, kwargs, _cfgs(pairs) if self.autotune else None,
-                ("K", "V", "BT") + tuple(key_flags), dict(num_warps=self.warps, num_stages=2))
+                ("K", "V", "BT") + tuple(key_flags), dict(num_warps=warps, num_stages=plain[1]))
 
 
 def _wy_fwd(p: _Plan, k, v, beta, store_linv):
     w = torch.empty_like(k)
     u = torch.empty_like(v)
     linv = k.new_empty(p.B, p.T, p.H, p.BT) if store_linv else w
+    # One warp: the 16x16 substitutions and block merges pay for every cross-warp reduction (the autotuner's pick
+    # on the H100 and the H200; 4 warps made the whole forward 2.6x slower on the H200).
     p.run_par(_wy_fwd_kernel, (k, v, beta, w, u, linv, p.cu, p.chunk_indices, p.T), dict(STORE_LINV=store_linv),
-              key_flags=("STORE_LINV",), pairs=((1, 1), (2, 1), (4, 1)))
+              key_flags=("STORE_LINV",), pairs=((1, 1), (2, 1), (4, 1)), plain=(1, 1))
     return w, u, linv
 
 
@@ -807,7 +821,7 @@ def _state_fwd(p: _Plan, q, k, w, u, scale, h0, want_ht, store_h, write_o, is_de
             p.cu, p.chunk_offsets, p.T, scale, p.NHB)
     flags = dict(IS_DELTA=is_delta, USE_H0=h0 is not None, STORE_HT=want_ht, STORE_H=store_h,
                  STORE_VNEW=vnew is not None, WRITE_O=write_o)
-    p.run_seq(_state_fwd_kernel, args, flags, ("IS_DELTA", "WRITE_O", "STORE_H"))
+    p.run_seq(_state_fwd_kernel, args, flags, ("IS_DELTA", "WRITE_O", "STORE_H"), wide=write_o)
     return o, h, (vnew if is_delta else u), ht
 
 
@@ -826,7 +840,7 @@ def _forward(p: _Plan, q, k, v, beta, scale, h0, want_ht, is_delta, keep_linv=Fa
     _, h, vnew, ht = _state_fwd(p, q, k, w, u, scale, h0, want_ht, store_h=True, write_o=False,
                                is_delta=is_delta)
     o = torch.empty_like(v)
-    p.run_par(_output_kernel, (q, k, vnew, h, o, p.cu, p.chunk_indices, p.T, scale), {},
+    p.run_par(_output_kernel, (q, k, vnew, h, o, p.cu, p.chunk_indices, p.T, scale), {}, plain=(8, 2),
               nsplit=triton.cdiv(p.V, p.BV))
     return o, ht, linv
 
@@ -847,7 +861,7 @@ def _backward(p: _Plan, q, k, v, beta, scale, h0, do, dht, is_delta, linv=None):
     args = (q, k, w if is_delta else q, do, dh, dvnew, dht if dht is not None else do,
             dh0 if dh0 is not None else do, p.cu, p.chunk_offsets, p.T, scale, p.NHB)
     flags = dict(IS_DELTA=is_delta, USE_DHT=dht is not None, STORE_DH0=dh0 is not None)
-    p.run_seq(_state_bwd_kernel, args, flags, ("IS_DELTA",))
+    p.run_seq(_state_bwd_kernel, args, flags, ("IS_DELTA",), wide=True)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k, dtype=torch.float32) if is_delta else torch.empty_like(k)
     dw = torch.empty_like(k) if is_delta else dk
