@@ -213,6 +213,12 @@ class FWPStaticCache(FWPCache):
             layer.row_tokens = torch.zeros(max_batch_size, dtype=torch.long, device=device)
             for tensor in layer.tensors():  # in-place updates of these are allowed inside a captured graph
                 torch._dynamo.mark_static_address(tensor)
+        self._layer_tensors = [layer.tensors() for layer in self.layers]
+
+    def layer_tensors(self) -> list[tuple]:
+        """Every layer's buffers (`FWPLayerState.tensors()` order), the captured decode step's input. They never
+        move (every update is in place), so the list is made once, not at every step."""
+        return self._layer_tensors
 
     def write(self, layer_idx: int, fast_weights, z, conv_tail, new_columns: int, new_row_tokens: torch.Tensor):
         layer = self.layers[layer_idx]

@@ -6,7 +6,10 @@ through a feature map phi, normalises them, and writes/reads a per-head fast-wei
 with `cu_seqlens` boundaries, so a pad token never reaches the fast weights, the convolution tail or the positions.
 """
 
+import contextlib
+import inspect
 import math
+import types
 from dataclasses import dataclass
 
 import torch
@@ -666,6 +669,26 @@ class FWPModel(FWPPreTrainedModel):
         )
 
 
+def _guards_checked_once(first_step: bool):
+    """dynamo checks ~2000 guards (every module and parameter the step touches) before each call of the captured
+    step: most of its host time per token. Within one generate() nothing they check can change (the same model, the
+    same cache buffers, one token per row), so the first step of each generate() runs them all and the later ones
+    only what tells the cached graphs apart (the batch size). Where torch lacks the option, every step checks all."""
+    if first_step or not _SKIP_GUARDS_SUPPORTED:
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+
+
+def _set_stance_can_skip_guards() -> bool:
+    try:  # torch >= 2.7
+        return "skip_guard_eval_unsafe" in inspect.signature(torch.compiler.set_stance).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+_SKIP_GUARDS_SUPPORTED = _set_stance_can_skip_guards()
+
+
 class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _can_compile_fullgraph = True  # the decode step over an FWPStaticCache (get_compiled_call)
@@ -750,7 +773,19 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
         key = tuple((name, id(value) if callable(value) else repr(value)) for name, value in options.items())
         if getattr(self, "_captured_options", None) == key:
             return self._compiled_call
-        step = torch.compile(self._captured_decode_step, **options)
+        compiled = {}  # the compiled step, and the module hooks it was traced with
+
+        def compiled_step():
+            # dynamo does not guard on module hooks (torch._dynamo.config.skip_nnmodule_hook_guards): a hook added
+            # after the step was traced would be silently left out, so a changed set of hooks means a new trace.
+            # dynamo keeps its graphs per code object, so the new trace compiles a fresh copy of the step's code.
+            hooks = self._module_hooks()
+            if compiled.get("hooks") != hooks:
+                function = type(self)._captured_decode_step
+                if "hooks" in compiled:
+                    function = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
+                compiled.update(step=torch.compile(types.MethodType(function, self), **options), hooks=hooks)
+            return compiled["step"]
 
         def call(input_ids=None, cache=None, past_key_values=None, inputs_embeds=None, **kwargs):
             state = resolve_cache_argument(cache, past_key_values)
@@ -761,10 +796,13 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
                 return self(input_ids=input_ids, cache=state, inputs_embeds=inputs_embeds, **kwargs)
             # generate() feeds each row one real token per step (finished rows get pads with mask 1), so the step
             # needs no mask; positions continue from the cache's per-row counts.
-            if not getattr(self, "_joint_weights_checked", False):  # once per generate(): the check costs host time
+            first_step = not getattr(self, "_joint_weights_checked", False)
+            if first_step:  # once per generate(): the checks cost host time
                 self._joint_decode_weights()
                 self._joint_weights_checked = True
-            logits = step(input_ids, [layer.tensors() for layer in state.layers], self._joint_weights[1])
+                compiled["current"] = compiled_step()
+            with _guards_checked_once(first_step):
+                logits = compiled["current"](input_ids, state.layer_tensors(), self._joint_weights[1])
             state.advance(1)
             # a CUDA-graph output is overwritten by the next replay: hand generate() its own copy
             return CausalLMOutputWithPast(logits=logits.clone(), **{CACHE_NAME: state})
@@ -772,6 +810,13 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
         # the attributes transformers' own get_compiled_call keeps (its generation tests look for them)
         self._captured_options, self._compiled_call, self._last_compile_config = key, call, compile_config
         return call
+
+    def _module_hooks(self) -> tuple:
+        """Which forward (pre-)hooks each module has: what the captured step's trace depends on but dynamo does
+        not check."""
+        return tuple((name, tuple(map(id, module._forward_pre_hooks.values())),
+                      tuple(map(id, module._forward_hooks.values()))) for name, module in self.named_modules()
+                     if module._forward_pre_hooks or module._forward_hooks)
 
     def _joint_decode_weights(self) -> list[tuple]:
         """Per block, (attention, feed-forward) input-projection weights concatenated, so that a captured decode

@@ -113,6 +113,37 @@ def test_a_hooked_projection_is_not_folded_into_the_joint_weight():
     assert joint[0][0] is None and joint[0][1] is not None and joint[1][0] is not None and joint[1][1] is None
 
 
+def test_a_change_between_two_generates_is_caught_by_the_first_steps_guards():
+    """Later steps of a generate() skip dynamo's guards (nothing they check can change inside one generate()); the
+    first step of each generate() checks them all, so a model changed in between is recompiled, not replayed
+    stale. Here a hook that rescales the logits is added after the first generate(): the step's graph must
+    change (a stale one would give the unhooked logits, which the full forwards would not)."""
+    model = make_model("conv_rotary_prenorm")
+    config, counter = captured()
+    prompts = [random_ids(1, 6, seed=9)[0]]
+    static_generate(model, prompts[0][None], 4, config)
+    assert counter.frame_count == 1
+    model.lm_head.register_forward_hook(lambda module, args, out: 3.0 * out - 1.0)
+    out = static_generate(model, prompts[0][None], 4, config)
+    assert counter.frame_count == 2
+    assert_steps_equal_full_forward(model, out, prompts)
+
+
+def test_later_steps_of_a_generate_skip_the_guards(monkeypatch):
+    """Each later step runs under the stance that skips guard evaluation, the first one under the default."""
+    import modeling_fwp.modeling_fwp as modeling
+
+    if not modeling._SKIP_GUARDS_SUPPORTED:
+        pytest.skip("this torch has no skip_guard_eval_unsafe")
+    stances = []
+    original = modeling._guards_checked_once
+    monkeypatch.setattr(modeling, "_guards_checked_once", lambda first: stances.append(first) or original(first))
+    model = make_model("delta_net")
+    config, _ = captured()
+    static_generate(model, random_ids(1, 5, seed=10), 5, config)
+    assert stances == [True, False, False, False]  # 5 new tokens: the prefill makes the first, 4 captured steps
+
+
 def test_captured_steps_update_the_same_buffers_and_a_second_generate_reuses_the_graph():
     model = make_model("conv_rotary_prenorm", attention_normalization=True)
     config, counter = captured()
