@@ -72,6 +72,7 @@ class FWPConfig(PretrainedConfig):
             convolution run as fused Triton kernels too; `"chunk"` / `"recurrent"` keep every op in PyTorch. May be
             changed on a live model; it applies from the next call.
         chunk_size (`int`, *optional*, defaults to 64): chunk length of the chunkwise backends (16, 32, 64 or 128).
+            It changes only rounding, not the result; the CPU chunk backend's delta rule uses at most 32, faster there.
         inference_segment_size (`int`, *optional*, defaults to 8192): a forward without gradients over more tokens
             than this runs in segments of this many, carrying the state (exact), so prefill memory stays flat in the
             prompt length. 0 turns it off.

@@ -230,15 +230,29 @@ def test_blocks_of_chunks_packed(monkeypatch, chunks_per_block):
 
 
 def test_long_single_sequence_default_blocks():
-    """B = 1, T = 2400 at the default chunk size and block sizes: 38 chunks (the last one ragged) in several blocks
-    (16 and 8 chunks forward and backward at the defaults), the last block ragged in both, against the float64
-    recurrent reference with an initial state (outputs, final state, all gradients)."""
+    """B = 1, T = 2400 at the default chunk size (on CPU: CPU_MAX_CHUNK_SIZE, 32) and block sizes: 75 chunks (the
+    last one ragged) in several blocks (32 and 16 chunks forward and backward at the defaults), the last block
+    ragged in both, against the float64 recurrent reference with an initial state (outputs, final state, all
+    gradients)."""
     q, k, v, beta, state = _inputs(1, 2400, 4, 16, 16, True)
+    size = ops_chunk.CPU_MAX_CHUNK_SIZE
+    chunks = -(-2400 // size)
     for rows in (ops_chunk.BLOCK_ROWS, ops_chunk.BACKWARD_BLOCK_ROWS):
-        assert 1 < block_chunks(4, 64, 38, rows) < 38 and 38 % block_chunks(4, 64, 38, rows)
+        assert 1 < block_chunks(4, size, chunks, rows) < chunks and chunks % block_chunks(4, size, chunks, rows)
     expected = _run_with_grads("delta", "recurrent", q, k, v, beta, state)
     actual = _run_with_grads("delta", "chunk", q, k, v, beta, state)
     _assert_all_close(actual, expected, **_tolerance("chunk"))
+
+
+def test_cpu_chunks_are_at_most_cpu_max_chunk_size():
+    """On CPU a chunk size above CPU_MAX_CHUNK_SIZE runs as CPU_MAX_CHUNK_SIZE (the same arithmetic, bit for bit),
+    one below it as given."""
+    q, k, v, beta, state = _inputs(2, 100, 3, 16, 16, True)
+    at = {size: ops_chunk.delta_rule_chunk(q, k, v, beta, initial_state=state, output_final_state=True,
+                                           chunk_size=size) for size in (16, 32, 64)}
+    assert ops_chunk.CPU_MAX_CHUNK_SIZE == 32
+    assert torch.equal(at[64][0], at[32][0]) and torch.equal(at[64][1], at[32][1])
+    assert not torch.equal(at[16][0], at[32][0])  # another chunk size does round differently
 
 
 def test_block_chunks():
