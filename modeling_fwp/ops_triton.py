@@ -723,7 +723,6 @@ class _Plan:
         bv_max = 64 if kp <= 128 else (32 if kp <= 256 else 16)  # state registers: kp * BV <= 8192 fp32
         self.bv_max = bv_max
         self.BV_s = min(TUNE.get("BV_state") or bv_max, vp)
-        self.bv_options = sorted({min(b, vp) for b in (bv_max // 2, bv_max) if b >= 16})
         # Parallel kernels loop over K and V in blocks of BK / BV.
         self.BK = min(TUNE.get("BK") or 64, kp)
         self.BV = min(TUNE.get("BV") or 64, vp)
@@ -783,8 +782,12 @@ class _Plan:
         kwargs = dict(self.common(), BK=self.BK_s, NKB=self.NKB, **flags)
         configs = None
         if self.autotune:
+            # With few sequence x head programs (one long sequence) a quarter-width block puts more programs on the
+            # SMs, each with a shorter per-chunk step: a candidate there.
+            widths = (self.bv_max // 4, self.bv_max // 2, self.bv_max) if nh <= 32 else (self.bv_max // 2, self.bv_max)
+            options = sorted({min(b, max(16, _pow2(self.V))) for b in widths if b >= 16})
             configs = [triton.Config(dict(BV=bv), num_warps=4 if self.BK_s * self.NKB * bv <= 8192 else 8,
-                                     num_stages=st) for bv in self.bv_options for st in (2, 3, 4)]
+                                     num_stages=st) for bv in options for st in (2, 3, 4)]
         _launch(kernel, grid, args, kwargs, configs, ("K", "V", "BT", "NHB") + tuple(key_flags),
                 dict(BV=self.fixed_bv_state(wide), num_warps=self.warps_s, num_stages=self.stages_s))
 
