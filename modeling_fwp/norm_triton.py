@@ -420,7 +420,7 @@ class _SwiGLULinearFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         g2, u2, weight = ctx.saved_tensors
-        shape, g_dtype, _ = ctx.meta
+        g_dtype = ctx.meta[1]
         dout2 = dout.reshape(-1, weight.shape[0]).to(g_dtype)
         w = weight.to(g_dtype)
         dhidden = dout2 @ w

@@ -721,7 +721,7 @@ class _Plan:
         if self.NKB > 4:
             raise ValueError(f"head dim K={K} needs more than 4 blocks of {self.BK_s}")
         bv_max = 64 if kp <= 128 else (32 if kp <= 256 else 16)  # state registers: kp * BV <= 8192 fp32
-        self.bv_max = bv_max
+        self.bv_max, self.vp = bv_max, vp
         self.BV_s = min(TUNE.get("BV_state") or bv_max, vp)
         # Parallel kernels loop over K and V in blocks of BK / BV.
         self.BK = min(TUNE.get("BK") or 64, kp)
@@ -785,7 +785,7 @@ class _Plan:
             # With few sequence x head programs (one long sequence) a quarter-width block puts more programs on the
             # SMs, each with a shorter per-chunk step: a candidate there.
             widths = (self.bv_max // 4, self.bv_max // 2, self.bv_max) if nh <= 32 else (self.bv_max // 2, self.bv_max)
-            options = sorted({min(b, max(16, _pow2(self.V))) for b in widths if b >= 16})
+            options = sorted({min(b, self.vp) for b in widths if b >= 16})
             configs = [triton.Config(dict(BV=bv), num_warps=4 if self.BK_s * self.NKB * bv <= 8192 else 8,
                                      num_stages=st) for bv in options for st in (2, 3, 4)]
         _launch(kernel, grid, args, kwargs, configs, ("K", "V", "BT", "NHB") + tuple(key_flags),
@@ -806,8 +806,8 @@ def _wy_fwd(p: _Plan, k, v, beta, store_linv):
     w = torch.empty_like(k)
     u = torch.empty_like(v)
     linv = k.new_empty(p.B, p.T, p.H, p.BT) if store_linv else w
-    # One warp: the 16x16 substitutions and block merges pay for every cross-warp reduction (the autotuner's pick
-    # on the H100 and the H200; 4 warps made the whole forward 2.6x slower on the H200).
+    # One warp: the 16x16 substitutions and block merges pay for every cross-warp reduction (the H200 autotuner's
+    # pick; at 4 warps the whole forward ran 2.6x slower there).
     p.run_par(_wy_fwd_kernel, (k, v, beta, w, u, linv, p.cu, p.chunk_indices, p.T), dict(STORE_LINV=store_linv),
               key_flags=("STORE_LINV",), pairs=((1, 1), (2, 1), (4, 1)), plain=(1, 1))
     return w, u, linv

@@ -392,7 +392,6 @@ def main():
         save()
     if not args.no_bench:
         result["bench"] = bench(args)
-        save()
     save()
     tuned_picks()
 
