@@ -280,3 +280,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # under `accelerate launch`: every rank leaves the group before
+        torch.distributed.destroy_process_group()  # exiting, not in gloo/NCCL teardown at interpreter exit

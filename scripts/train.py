@@ -805,3 +805,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # under `accelerate launch`: every rank leaves the group before
+        torch.distributed.destroy_process_group()  # exiting, not in gloo/NCCL teardown at interpreter exit

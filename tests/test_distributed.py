@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,8 @@ print("PROBE " + json.dumps({
     "node": os.environ.get("GROUP_RANK"), "master": os.environ.get("MASTER_ADDR"), "sum": total,
     "sharded": type(next(model.parameters())).__name__ == "DTensor", "param_dtype": str(next(model.parameters()).dtype),
     "logits_dtype": str(second.logits.dtype), "state_dtype": str(state.dtype), "loss": loss.item()}), flush=True)
+accelerator.wait_for_everyone()
+accelerator.end_training()  # destroys the process group: no rank is left tearing down gloo while the other exits
 '''
 
 # A final FSDP folder and a merged sharded checkpoint, loaded as remote code where `import modeling_fwp` fails.
@@ -150,15 +153,15 @@ def corpus(tmp_path_factory):
     return folder
 
 
-def launch(corpus, config, script, args=(), launcher_args=(), fsdp_on_cpu=False, wait=True):
-    """`accelerate launch` through this interpreter (its transformers), 2 CPU processes, one thread each."""
+def launch(corpus, config, script, args=(), launcher_args=(), fsdp_on_cpu=False, log=None):
+    """`accelerate launch` through this interpreter (its transformers), 2 CPU processes, one thread each. With `log`
+    (an open file) it returns the running launcher, its output going to that file."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *launcher_args,
                *([str(corpus / "fsdp_on_cpu.py")] if fsdp_on_cpu else []), str(script), *args]
     env = {**os.environ, "MODELING_FWP_CACHE": str(corpus / "tokenizer-cache"), "CUDA_VISIBLE_DEVICES": "",
            "OMP_NUM_THREADS": "1"}
-    if not wait:
-        return subprocess.Popen(command, cwd=corpus, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+    if log is not None:
+        return subprocess.Popen(command, cwd=corpus, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     run = subprocess.run(command, cwd=corpus, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     assert not DEPRECATION.findall(run.stdout + run.stderr)
@@ -278,26 +281,39 @@ def test_fsdp_trains_resumes_exactly_and_saves_a_folder_from_pretrained_loads(co
 
 
 @pytest.mark.parametrize("config", ["multi_node_ddp.yaml", "multi_node_fsdp.yaml"])
-def test_multi_node_configs_on_one_host(corpus, config):
+def test_multi_node_configs_on_one_host(corpus, tmp_path, config):
     """Both multi-node configs as two hosts of one process each: two launchers with --num_machines 2 and
     --machine_rank 0 / 1 rendezvous at --main_process_ip 127.0.0.1 (the placeholders in the files overridden on the
     command line, as on real hosts). Under FSDP with the config's bf16 mixed precision the parameters are sharded and
     computed in bf16 while the fast-weight state carried in and out of every sharded block stays fp32."""
     port = str(free_port())
     fields = {k: json.loads(v) for k, v in (item.split("=") for item in MICRO.split(","))}
-    launchers = [launch(corpus, CONFIGS / config, corpus / "probe.py", [str(REPO / "scripts"), json.dumps(fields)],
-                        ["--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
-                         "--main_process_ip", "127.0.0.1", "--main_process_port", port],
-                        fsdp_on_cpu=config.endswith("fsdp.yaml"), wait=False) for rank in (0, 1)]
-    outputs = []
+    logs = [tmp_path / f"machine-{rank}.log" for rank in (0, 1)]
+    launchers = []
     try:
-        for launcher in launchers:
-            outputs.append(launcher.communicate(timeout=240)[0])
+        for rank, log in enumerate(logs):
+            with open(log, "w") as out:
+                launchers.append(launch(
+                    corpus, CONFIGS / config, corpus / "probe.py", [str(REPO / "scripts"), json.dumps(fields)],
+                    ["--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+                     "--main_process_ip", "127.0.0.1", "--main_process_port", port],
+                    fsdp_on_cpu=config.endswith("fsdp.yaml"), log=out))
+        # Both at once: a machine that fails leaves the other's launcher in torchrun's exit barrier (300 s), so the
+        # first failure ends the wait, and both machines' output is in the message.
+        deadline = time.monotonic() + 240
+        while any(launcher.poll() is None for launcher in launchers) and time.monotonic() < deadline:
+            if any(launcher.poll() not in (None, 0) for launcher in launchers):
+                break
+            time.sleep(0.5)
     finally:
         for launcher in launchers:
             if launcher.poll() is None:
                 launcher.kill()
-    assert [launcher.returncode for launcher in launchers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+                launcher.wait()
+    outputs = [log.read_text() for log in logs]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], "\n".join(
+        f"machine {rank} (exit code {launcher.returncode}):\n{output[-3000:]}"
+        for rank, (launcher, output) in enumerate(zip(launchers, outputs)))
     assert not DEPRECATION.findall("".join(outputs))
     probes = [json.loads(line.split(" ", 1)[1]) for output in outputs for line in output.splitlines()
               if line.startswith("PROBE ")]
