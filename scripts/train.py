@@ -19,20 +19,19 @@ state is carried, detached, from each segment into the next (truncated backprop 
 
 At the end it reports validation perplexity (exp of the mean token loss) with and without state carry-over, and
 the unigram baseline; saves model, tokenizer and generation config to output_dir; and prints a generated sample.
+
+Beside it: train_checkpoints.py (the output folder, resuming, the final save) and train_fsdp.py (FSDP2).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,15 +41,16 @@ import torch.nn.functional as F
 from torch.utils.data import SequentialSampler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # run from a clone without installing
+# From a clone without installing, and its helper modules (beside this file) also when run through runpy or a
+# wrapper script, which put another folder first on sys.path.
+sys.path[:0] = [str(REPO_ROOT), str(Path(__file__).resolve().parent)]
 
-import modeling_fwp  # noqa: E402  registers model_type "fwp" with the Auto classes
+import modeling_fwp  # noqa: E402,F401  registers model_type "fwp" with the Auto classes
 from modeling_fwp import FWPConfig  # noqa: E402
 from modeling_fwp import data as fwp_data  # noqa: E402
 from modeling_fwp import presets  # noqa: E402
 from modeling_fwp import tokenizer_utils  # noqa: E402
 from modeling_fwp.compat import CACHE_NAME, output_cache  # noqa: E402
-from modeling_fwp.files import move_files_into  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     GenerationConfig,
@@ -61,20 +61,18 @@ from transformers import (  # noqa: E402
     default_data_collator,
     set_seed,
 )
+from train_checkpoints import (  # noqa: E402  (scripts/, beside this file)
+    check_output_dir,
+    check_resume_config,
+    parameter_checksum,
+    resolve_resume,
+    save_final_model,
+)
+from train_fsdp import fsdp2_sharded, keep_fsdp_state_fp32, restore_model_code  # noqa: E402
 
 RECIPE_DIR = presets.configuration_dir() / "recipes"
 DEFAULT_RECIPE = "tiny_cpu"
-MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-               "tokenizer.json", "tokenizer_config.json", "trainer_state.json")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
-# Weight files a save may write (one file or shards); those of an older save that a new one lacks are removed.
-WEIGHT_FILES = re.compile(r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
-                          r"pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json)$")
-# Keys of a saved config.json that do not change the model a checkpoint holds: written by save_pretrained, set by
-# the Trainer for training (use_cache), or chosen at load time (dtype).
-CONFIG_BOOKKEEPING = ("transformers_version", "architectures", "auto_map", "dtype", "torch_dtype", "use_cache")
-
-
 @dataclass
 class ModelArguments:
     preset: str = field(default="tiny", metadata={
@@ -259,133 +257,6 @@ def build_config(model_args: ModelArguments):
     return FWPConfig(**values)  # validates every field
 
 
-def check_output_dir(output_dir: str, overwrite: bool, resume) -> None:
-    """Refuses, before anything is written, to train into a folder that already holds a model or checkpoints."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"output_dir {output_dir!r} exists and is not a folder.")
-    if not path.is_dir() or overwrite or resume:
-        return
-    found = [name for name in MODEL_FILES if (path / name).exists()]
-    found += sorted(p.name for p in path.glob("checkpoint-*"))
-    if found:
-        raise ValueError(f"output_dir {output_dir!r} already holds a model ({', '.join(found[:4])}); pass "
-                         "--overwrite_output_dir to train over it, --resume_from_checkpoint to continue it, or "
-                         "choose another --output_dir.")
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    """Why a .safetensors file is not whole (None if its header parses and the file is as long as it says)."""
-    try:
-        with open(path, "rb") as file:
-            header_size = int.from_bytes(file.read(8), "little")
-            header = json.loads(file.read(header_size)) if 0 < header_size < 100_000_000 else None
-    except (OSError, ValueError):
-        header = None
-    if not isinstance(header, dict):
-        return f"{path.name} has no valid header"
-    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    if path.stat().st_size < 8 + header_size + end:
-        return f"{path.name} is cut short"
-    return None
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """What a checkpoint-N folder lacks to be resumed from, or None when it is complete.
-
-    Trainer._save_checkpoint writes the model (config.json, weights, tokenizer), then optimizer, scheduler, scaler
-    and RNG state, and trainer_state.json last: a save that was cut short lacks trainer_state.json (or holds a file
-    cut short, when the filesystem wrote the files out of order).
-    """
-    folder = Path(folder)
-    state = folder / "trainer_state.json"
-    if not state.is_file():
-        return "no trainer_state.json, which the Trainer writes last"
-    for name in ("trainer_state.json", "config.json"):
-        try:
-            json.loads((folder / name).read_text())
-        except FileNotFoundError:
-            return f"no {name}"
-        except ValueError:
-            return f"{name} is cut short or not JSON"
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError):
-            return f"{index.name} is cut short or not a weight index"
-    elif (folder / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
-    elif (folder / "pytorch_model.bin").is_file() or any(folder.glob("pytorch_model_fsdp_*")) or any(
-            folder.glob("global_step*")):  # torch.save / FSDP sharded / DeepSpeed layouts
-        shards = []
-    else:
-        return "no model weights (model.safetensors)"
-    for name in shards:
-        if not (folder / name).is_file():
-            return f"no {name}"
-        problem = _safetensors_problem(folder / name)
-        if problem:
-            return problem
-    # torch.save writes zip archives, whose directory comes last: a file cut short is no zip file.
-    for path in [folder / "pytorch_model.bin", folder / "optimizer.pt", folder / "scheduler.pt",
-                 folder / "scaler.pt", *sorted(folder.glob("rng_state*.pth"))]:
-        if path.is_file() and not zipfile.is_zipfile(path):
-            return f"{path.name} is cut short"
-    return None
-
-
-def resolve_resume(value: str | None, output_dir: str, log=print):
-    """--resume_from_checkpoint: 'true'/'last' -> the newest complete checkpoint in output_dir (incomplete ones, e.g.
-    of a run killed while saving, are skipped with a message), or a checkpoint folder (refused when incomplete)."""
-    if value is None or value.lower() in ("false", "none", ""):
-        return None
-    if value.lower() in ("true", "last"):
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-        folders = sorted((p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                          if pattern.match(p.name) and p.is_dir()),
-                         key=lambda p: int(pattern.match(p.name).group(1)), reverse=True) \
-            if Path(output_dir).is_dir() else []
-        if not folders:
-            raise ValueError(f"--resume_from_checkpoint {value}: output_dir {output_dir!r} holds no checkpoint-* "
-                             "folder to resume from.")
-        skipped = []
-        for folder in folders:
-            problem = checkpoint_problem(folder)
-            if problem is None:
-                return str(folder)
-            skipped.append(f"{folder.name} ({problem})")
-            log(f"Skipping {folder}: incomplete checkpoint ({problem}), probably cut short while saving; a save "
-                f"at step {pattern.match(folder.name).group(1)} writes it again.")
-        raise ValueError(f"--resume_from_checkpoint {value}: output_dir {output_dir!r} holds no complete checkpoint "
-                         f"to resume from: {'; '.join(skipped)}.")
-    if not Path(value).is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {value!r}: no such checkpoint folder.")
-    problem = checkpoint_problem(Path(value))
-    if problem:
-        raise ValueError(f"--resume_from_checkpoint {value!r} is an incomplete checkpoint ({problem}), probably cut "
-                         "short while saving; pass an earlier checkpoint, or 'last' for the newest complete one.")
-    return value
-
-
-def check_resume_config(config: FWPConfig, checkpoint: str) -> None:
-    """Refuses to resume a checkpoint as another model than the one it holds (e.g. with other --config_overrides):
-    the weights would load (same shapes) and train on as a different model, silently."""
-    saved_fields = presets.without_bookkeeping(json.loads((Path(checkpoint) / "config.json").read_text()))
-    saved, current = FWPConfig(**saved_fields).to_dict(), config.to_dict()
-    differ = sorted(key for key in set(saved) | set(current)
-                    if not key.startswith("_") and key not in CONFIG_BOOKKEEPING and saved.get(key) != current.get(key))
-    if differ:
-        changes = ", ".join(f"{key} (checkpoint {saved.get(key)!r}, this run {current.get(key)!r})" for key in differ)
-        raise ValueError(
-            f"--resume_from_checkpoint {checkpoint}: the checkpoint holds another model than this run would train; "
-            f"its config.json differs in {changes}. Resume with the --preset / --config_overrides (and tokenizer) of "
-            f"the run that saved it, or train the changed model from its weights in a new run: --model_name_or_path "
-            f"{checkpoint} with another --output_dir.")
-
-
 # ------------------------------------------------------------------------------------------------------- trainer
 
 class FWPTrainer(Trainer):
@@ -502,52 +373,6 @@ class FWPTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-def keep_fsdp_state_fp32(accelerator) -> None:
-    """FSDP2 under `mixed_precision: bf16`: Accelerate's policy casts every floating tensor that enters
-    (cast_forward_inputs) or leaves (output_dtype) a sharded FWPBlock to bf16, the fast-weight state included, which
-    a block takes and returns when the state is carried (--carry_state, generation) and which the ops keep in fp32.
-    Dropping those two casts lets the state pass unrounded; parameters are still gathered in bf16 (param_dtype),
-    gradients reduced in Accelerate's reduce_dtype, and the hidden states are bf16 anyway (bf16 weights made them)."""
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    policy = getattr(plugin, "mixed_precision_policy", None)
-    if policy is None or getattr(plugin, "fsdp_version", 1) != 2:
-        return
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype,
-                                                         reduce_dtype=policy.reduce_dtype, output_dtype=None,
-                                                         cast_forward_inputs=False)
-
-
-def restore_model_code(model, folder) -> None:
-    """After save_pretrained of an FSDP2 model: its class is torch's FSDPFWPForCausalLM (torch's _fsdp_init.py), so
-    transformers copied that module and its relative imports into `folder` and named them in auto_map. Puts the
-    model's own code files and auto_map entry there instead, as a save of the unwrapped model writes them."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch < 2.6: no FSDP2 (FSDP1 leaves the model's class alone)
-        return
-    from transformers import PreTrainedModel
-    from transformers.dynamic_module_utils import custom_object_save, get_relative_import_files
-
-    wrapper = type(model)
-    config_file = Path(folder, "config.json")
-    if not isinstance(model, FSDPModule) or wrapper._auto_class is None or not config_file.is_file():
-        return
-    original = next(c for c in wrapper.__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, FSDPModule))
-    torch_file = sys.modules[wrapper.__module__].__file__
-    for path in [torch_file, *get_relative_import_files(torch_file)]:
-        Path(folder, Path(path).name).unlink(missing_ok=True)
-    custom_object_save(object.__new__(original), folder)  # modeling_fwp.py and the files it imports
-    entry = f"{original.__module__.rsplit('.', 1)[-1]}.{original.__name__}"
-    config = json.loads(config_file.read_text())
-    config["auto_map"] = {**config.get("auto_map", {}), original._auto_class: entry}
-    config["architectures"] = [original.__name__]
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if isinstance(getattr(model.config, "auto_map", None), dict):
-        model.config.auto_map[original._auto_class] = entry
-
-
 class TimeBudget(TrainerCallback):
     """Ends training once `minutes` have passed (checked after every step); the run then evaluates and saves.
     FWPTrainer also anneals the learning rate by this clock, so a run cut short by time still ends annealed."""
@@ -650,59 +475,6 @@ def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: in
         out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=max_new_tokens,
                              synced_gpus=True if fsdp2_sharded(model) else None)
     return tokenizer.decode(out[0, len(start):], skip_special_tokens=True)
-
-
-def fsdp2_sharded(model) -> bool:
-    """Whether `model` is sharded over several processes by Accelerate's FSDP2, so that every forward needs all of
-    them: generate() must then keep every process stepping until all are done (synced_gpus), should their samples
-    differ in length. transformers infers that only for the models it shards itself."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch < 2.6
-        return False
-    return isinstance(model, FSDPModule) and torch.distributed.get_world_size() > 1
-
-
-def parameter_checksum(model) -> dict:
-    digest = hashlib.sha256()
-    total = 0.0
-    for name, tensor in sorted(model.state_dict().items()):
-        values = tensor.detach().to("cpu", torch.float64).contiguous()
-        digest.update(name.encode())
-        digest.update(values.numpy().tobytes())
-        total += float(values.sum())
-    return {"sha256": digest.hexdigest(), "sum": total}
-
-
-def save_final_model(trainer: Trainer, output_dir: str, use_cache: bool) -> None:
-    """Trainer.save_model into a temporary folder beside output_dir, then moved into place (config.json last), so a
-    run killed while saving leaves output_dir with its previous model or with none, never half of one. Checkpoints
-    and other files in output_dir stay where they are. Every process calls this (a sharded model is gathered)."""
-    target = Path(output_dir).resolve()
-    staging = target.parent / f".{target.name}.saving"  # the same name in every process
-    model_config = trainer.accelerator.unwrap_model(trainer.model).config
-    training_use_cache, model_config.use_cache = model_config.use_cache, use_cache  # the Trainer turned it off
-    writer = trainer.args.should_save
-    try:
-        if writer:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
-        trainer.save_model(str(staging))  # model, tokenizer (processing_class), generation config, training args
-        if writer:
-            if target.is_dir():
-                stale = [p.name for p in target.iterdir() if WEIGHT_FILES.match(p.name)]
-                move_files_into(staging, target, commit="config.json", stale=stale)
-            else:
-                os.rename(staging, target)
-    except BaseException:
-        if writer:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        model_config.use_cache = training_use_cache
-    trainer.accelerator.wait_for_everyone()
 
 
 def main(argv: list[str] | None = None) -> dict:
