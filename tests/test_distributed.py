@@ -78,7 +78,7 @@ PROBE = '''
 import json, os, sys
 import torch
 sys.path.insert(0, sys.argv[1])
-import train  # scripts/train.py: keep_fsdp_state_fp32
+import train_fsdp  # scripts/train_fsdp.py, as train.py uses it
 from accelerate import Accelerator
 from modeling_fwp import FWPForCausalLM, load_preset
 from modeling_fwp.compat import output_cache
@@ -86,7 +86,7 @@ from modeling_fwp.compat import output_cache
 accelerator = Accelerator(cpu=True)
 torch.manual_seed(0)
 model = FWPForCausalLM(load_preset("deltanet-370m", **json.loads(sys.argv[2])))
-train.keep_fsdp_state_fp32(accelerator)
+train_fsdp.keep_fsdp_state_fp32(accelerator)
 model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
 ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(accelerator.process_index))
 with torch.no_grad():
