@@ -1,6 +1,7 @@
 """The folders scripts/train.py reads and writes: the output folder it refuses to train over, the checkpoints it
 resumes from (complete ones only, holding the model this run would train), and the final save, moved into place
-whole. Kept apart from train.py's arguments, data and Trainer so each stays short."""
+whole (and the replica checksum a run can leave beside it). Kept apart from train.py's arguments, data and
+Trainer so each stays short."""
 
 from __future__ import annotations
 

@@ -306,14 +306,16 @@ def test_multi_node_configs_on_one_host(corpus, tmp_path, config):
                 break
             time.sleep(0.5)
     finally:
+        killed = [launcher.poll() is None for launcher in launchers]
         for launcher in launchers:
             if launcher.poll() is None:
                 launcher.kill()
                 launcher.wait()
     outputs = [log.read_text() for log in logs]
     assert [launcher.returncode for launcher in launchers] == [0, 0], "\n".join(
-        f"machine {rank} (exit code {launcher.returncode}):\n{output[-3000:]}"
-        for rank, (launcher, output) in enumerate(zip(launchers, outputs)))
+        f"machine {rank} ({'killed: still running after 240 s or after the other failed' if stopped else 'exit code'}"
+        f" {launcher.returncode}):\n{output[-3000:]}"
+        for rank, (launcher, stopped, output) in enumerate(zip(launchers, killed, outputs)))
     assert not DEPRECATION.findall("".join(outputs))
     probes = [json.loads(line.split(" ", 1)[1]) for output in outputs for line in output.splitlines()
               if line.startswith("PROBE ")]
