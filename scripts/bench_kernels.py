@@ -275,6 +275,10 @@ def sweep(args):
         dict(fused_output=False, transition=True, BV_state=16),
         dict(fused_output=False, transition=True, BV_state=32),
         dict(fused_output=False, transition=True, BV_state=64),
+        dict(fused_output=False, transition=True, BV_state=32, warps_state=8),
+        dict(fused_output=False, transition=True, BV_state=32, stages_state=3),
+        dict(BV_state=32),
+        dict(warps=8),
     ]
     out = []
     shapes = [s for s in selected_shapes(args) if args.sweep_k is None or s[3] in args.sweep_k]
