@@ -396,14 +396,11 @@ def _state_fwd_kernel(q, k, w, u, o, h, vnew, h0, ht, cu_seqlens, chunk_offsets,
 
 
 @triton.jit
-def _output_kernel(q, k, w, vnew, h, o, vnew_out, cu_seqlens, chunk_indices, T, scale,
+def _output_kernel(q, k, vnew, h, o, cu_seqlens, chunk_indices, T, scale,
                    H, K, V, BT: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, COMPUTE_VNEW: tl.constexpr,
-                   STORE_VNEW: tl.constexpr, PREC: tl.constexpr):
+                   BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
     """O = scale (Q S0 + tril(Q K^T) U~) for one chunk and V block, from stored chunk states.  Used when
-    the sequential kernel has too few programs to hide this parallel work (few sequences x heads).
-    COMPUTE_VNEW: `vnew` holds U and U~ = U - W S0 is formed here (the one-matmul state pass stores only the
-    states), and stored to vnew_out when STORE_VNEW."""
+    the sequential kernel has too few programs to hide this parallel work (few sequences x heads)."""
     i_v = tl.program_id(2)
     i_h, t0, eos, g = _chunk_of_program(cu_seqlens, chunk_indices, tl.program_id(0), tl.program_id(1),
                                         T, H, BT, IS_VARLEN)
@@ -413,19 +410,14 @@ def _output_kernel(q, k, w, vnew, h, o, vnew_out, cu_seqlens, chunk_indices, T, 
     mrow = rows < eos
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     qk = tl.zeros([BT, BT], dtype=tl.float32)
-    vn = _ld_tok(vnew, rows, mrow, i_h, H, V, i_v * BV, BV).to(tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         qt = _ld_tok(q, rows, mrow, i_h, H, K, i_k * BK, BK)
         kt = _ld_tok(k, rows, mrow, i_h, H, K, i_k * BK, BK)
         ht = _ld_state(h, g, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV).to(dt)
         acc += tl.dot(qt, ht, input_precision=PREC)
         qk += tl.dot(qt, tl.trans(kt), input_precision=PREC)
-        if COMPUTE_VNEW:
-            vn -= tl.dot(_ld_tok(w, rows, mrow, i_h, H, K, i_k * BK, BK), ht, input_precision=PREC)
-    if STORE_VNEW:
-        _st_tok(vnew_out, vn, rows, mrow, i_h, H, V, i_v * BV, BV)
     qk = tl.where(r[:, None] >= r[None, :], qk, 0.0).to(dt)
-    acc += tl.dot(qk, vn.to(dt), input_precision=PREC)
+    acc += tl.dot(qk, _ld_tok(vnew, rows, mrow, i_h, H, V, i_v * BV, BV), input_precision=PREC)
     _st_tok(o, acc * scale, rows, mrow, i_h, H, V, i_v * BV, BV)
 
 
@@ -717,7 +709,6 @@ class _Plan:
         while chunk_size > 16 and chunk_size * kp * item * 3 > 96 * 1024:
             chunk_size //= 2
         self.B, self.T, self.H, self.K, self.V, self.BT = B, T, H, K, V, chunk_size
-        self.kp = kp
         self.dtype = v.dtype
         self.prec = "ieee" if v.dtype == torch.float32 else "tf32"
         self.varlen = cu_seqlens is not None
@@ -769,10 +760,6 @@ class _Plan:
             # a separate parallel kernel wins when very few (sequence, head) programs run (measured, H100).
             fused = self.N * H >= 32
         self.fused = fused
-        # The delta rule's state pass as one matmul per chunk (ops_triton_transition.py): for few (sequence, head)
-        # programs, where the sequential passes are latency-bound; its state is one register block (K <= 128).
-        transition = TUNE.get("transition")
-        self.transition = (not fused if transition is None else bool(transition)) and kp <= 128
 
     def common(self):
         return dict(H=self.H, K=self.K, V=self.V, BT=self.BT, IS_VARLEN=self.varlen, PREC=self.prec)
@@ -786,15 +773,13 @@ class _Plan:
             return self.BV_s
         return self.BV_s if (wide and self.NHB >= 256) else max(16, self.BV_s // 2)
 
-    def run_seq(self, kernel, args, flags, key_flags, wide=False, single_block=False):
-        """A chunk-sequential kernel, grid (V blocks, sequences x heads).  single_block: the state is one
-        [kp, BV] block (no NKB)."""
+    def run_seq(self, kernel, args, flags, key_flags, wide=False):
+        """A chunk-sequential kernel, grid (V blocks, sequences x heads)."""
         nh = self.N * self.H
 
         def grid(meta):
             return (triton.cdiv(self.V, meta["BV"]), nh)
-        blocks = dict(BK=self.kp) if single_block else dict(BK=self.BK_s, NKB=self.NKB)
-        kwargs = dict(self.common(), **blocks, **flags)
+        kwargs = dict(self.common(), BK=self.BK_s, NKB=self.NKB, **flags)
         configs = None
         if self.autotune:
             # With few sequence x head programs (one long sequence) a quarter-width block puts more programs on the
@@ -811,8 +796,7 @@ class _Plan:
         """A chunk-parallel kernel, grid (chunks, heads[, nsplit]); `plain`: (num_warps, num_stages) when not
         autotuned (TUNE["warps"] overrides the warps)."""
         grid_c = self.grid_chunks if nsplit is None else self.grid_chunks + (nsplit,)
-        kwargs = dict(self.common(), BK=self.BK, BV=self.BV)
-        kwargs.update(extra)
+        kwargs = dict(self.common(), BK=self.BK, BV=self.BV, **extra)
         warps = TUNE.get("warps") or plain[0]
         _launch(kernel, lambda meta: grid_c, args, kwargs, _cfgs(pairs) if self.autotune else None,
                 ("K", "V", "BT") + tuple(key_flags), dict(num_warps=warps, num_stages=plain[1]))
@@ -845,46 +829,26 @@ def _state_fwd(p: _Plan, q, k, w, u, scale, h0, want_ht, store_h, write_o, is_de
 
 
 def _forward(p: _Plan, q, k, v, beta, scale, h0, want_ht, is_delta, keep_linv=False):
-    """Returns o, the final state (or None) and what the backward reuses: L^-1 when keep_linv (the backward then
-    skips the inversion) and, on the one-matmul path, (W, P, chunk states, U~)."""
+    """Returns o, the final state (or None) and L^-1 when keep_linv (the backward then skips the inversion)."""
     linv = None
     if is_delta:
         w, u, linv = _wy_fwd(p, k, v, beta, store_linv=keep_linv)
         linv = linv if keep_linv else None
     else:
         w, u = None, v
-    if is_delta and p.transition:
-        from .ops_triton_transition import transition_products, transition_states
-
-        pm, nm = transition_products(p, k, w, u)
-        h, ht = transition_states(p, pm, nm, h0, want_ht, reverse=False)
-        o = torch.empty_like(v)
-        vnew = torch.empty_like(v) if keep_linv else o
-        p.run_par(_output_kernel, (q, k, w, u, h, o, vnew, p.cu, p.chunk_indices, p.T, scale),
-                  dict(COMPUTE_VNEW=True, STORE_VNEW=keep_linv), key_flags=("COMPUTE_VNEW", "STORE_VNEW"),
-                  plain=(8, 2), nsplit=triton.cdiv(p.V, p.BV))
-        return o, ht, (linv, (w, pm, h, vnew) if keep_linv else None)
     if p.fused:
         o, _, _, ht = _state_fwd(p, q, k, w, u, scale, h0, want_ht, store_h=False, write_o=True,
                                  is_delta=is_delta)
-        return o, ht, (linv, None)
+        return o, ht, linv
     _, h, vnew, ht = _state_fwd(p, q, k, w, u, scale, h0, want_ht, store_h=True, write_o=False,
                                is_delta=is_delta)
     o = torch.empty_like(v)
-    p.run_par(_output_kernel, (q, k, vnew, vnew, h, o, vnew, p.cu, p.chunk_indices, p.T, scale),
-              dict(COMPUTE_VNEW=False, STORE_VNEW=False), key_flags=("COMPUTE_VNEW", "STORE_VNEW"), plain=(8, 2),
+    p.run_par(_output_kernel, (q, k, vnew, h, o, p.cu, p.chunk_indices, p.T, scale), {}, plain=(8, 2),
               nsplit=triton.cdiv(p.V, p.BV))
-    return o, ht, (linv, None)
+    return o, ht, linv
 
 
-def _backward(p: _Plan, q, k, v, beta, scale, h0, do, dht, is_delta, linv=None, kept=None):
-    """kept: (W, P, chunk states, U~) from a one-matmul forward, which the backward then needs not recompute."""
-    if kept is not None:
-        from .ops_triton_transition import transition_grads
-
-        w, pm, h, vnew = kept
-        dh, dvnew, dh0 = transition_grads(p, q, k, w, do, scale, pm, dht, want_dh0=h0 is not None)
-        return _chunk_grads(p, q, k, v, beta, scale, do, True, linv, w, h, vnew, dh, dvnew, dh0)
+def _backward(p: _Plan, q, k, v, beta, scale, h0, do, dht, is_delta, linv=None):
     if is_delta and linv is None:
         w, u, linv = _wy_fwd(p, k, v, beta, store_linv=True)
     elif is_delta:
@@ -901,11 +865,6 @@ def _backward(p: _Plan, q, k, v, beta, scale, h0, do, dht, is_delta, linv=None, 
             dh0 if dh0 is not None else do, p.cu, p.chunk_offsets, p.T, scale, p.NHB)
     flags = dict(IS_DELTA=is_delta, USE_DHT=dht is not None, STORE_DH0=dh0 is not None)
     p.run_seq(_state_bwd_kernel, args, flags, ("IS_DELTA",), wide=True)
-    return _chunk_grads(p, q, k, v, beta, scale, do, is_delta, linv, w, h, vnew, dh, dvnew, dh0)
-
-
-def _chunk_grads(p: _Plan, q, k, v, beta, scale, do, is_delta, linv, w, h, vnew, dh, dvnew, dh0):
-    """dq, dk, dv, dbeta (chunk-parallel) from the chunk states h, their gradients dh and dU~ (dvnew)."""
     dq = torch.empty_like(q)
     dk = torch.empty_like(k, dtype=torch.float32) if is_delta else torch.empty_like(k)
     dw = torch.empty_like(k) if is_delta else dk
@@ -925,19 +884,19 @@ class _ChunkRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, scale, h0, output_final_state, cu_seqlens, chunk_size, is_delta):
         p = _Plan(q, v, cu_seqlens, chunk_size)
-        o, ht, (linv, kept) = _forward(p, q, k, v, beta, scale, h0, output_final_state, is_delta,
-                                       keep_linv=is_delta and any(ctx.needs_input_grad))
-        ctx.save_for_backward(q, k, v, beta, h0, cu_seqlens, linv, *(kept or (None,) * 4))
+        o, ht, linv = _forward(p, q, k, v, beta, scale, h0, output_final_state, is_delta,
+                               keep_linv=is_delta and any(ctx.needs_input_grad))
+        ctx.save_for_backward(q, k, v, beta, h0, cu_seqlens, linv)
         ctx.scale, ctx.chunk_size, ctx.is_delta = scale, chunk_size, is_delta
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, h0, cu_seqlens, linv, *kept = ctx.saved_tensors
+        q, k, v, beta, h0, cu_seqlens, linv = ctx.saved_tensors
         p = _Plan(q, v, cu_seqlens, ctx.chunk_size)
         dht = dht.float().contiguous() if dht is not None else None
         dq, dk, dv, dbeta, dh0 = _backward(p, q, k, v, beta, ctx.scale, h0, do.contiguous(), dht,
-                                           ctx.is_delta, linv, kept if kept[0] is not None else None)
+                                           ctx.is_delta, linv)
         if dh0 is not None:
             dh0 = dh0.to(h0.dtype)
         return dq, dk, dv, dbeta, None, dh0, None, None, None, None
