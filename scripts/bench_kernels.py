@@ -55,6 +55,10 @@ SHAPES = [  # (B, T, H, K, V)
 ]
 
 
+def selected_shapes(args):
+    return [SHAPES[i] for i in args.shapes] if args.shapes else SHAPES
+
+
 def bandwidth():
     name = torch.cuda.get_device_name()
     return name, (4.8e12 if "H200" in name else 3.0e12)
@@ -124,7 +128,7 @@ def bench(args):
     dev, bw = bandwidth()
     print(f"device: {dev}  torch {torch.__version__}  triton {triton.__version__}  "
           f"fla {'yes' if fla_delta else 'no'}  bandwidth for floor {bw:.1e} B/s", flush=True)
-    shapes = SHAPES[:2] if args.quick else SHAPES
+    shapes = SHAPES[:2] if args.quick else selected_shapes(args)
     backends = args.backends.split(",")
     rows = []
     for (B, T, H, K, V) in shapes:
@@ -267,7 +271,6 @@ def sweep(args):
         dict(),
         dict(fused_output=True),
         dict(fused_output=False),
-        dict(dv_local=False),
         dict(BV_state=32),
         dict(warps_state=8),
         dict(stages_state=1),
@@ -275,7 +278,7 @@ def sweep(args):
         dict(warps=8),
     ]
     out = []
-    shapes = [s for s in SHAPES if args.sweep_k is None or s[3] in args.sweep_k]
+    shapes = [s for s in selected_shapes(args) if args.sweep_k is None or s[3] in args.sweep_k]
     for (B, T, H, K, V) in shapes:
         for st in settings:
             ops_triton.TUNE.clear()
@@ -359,6 +362,8 @@ def main():
     ap.add_argument("--warm", type=int, default=None,
                     help="only run shape #WARM once per backend (fills triton's disk cache; run several at once)")
     ap.add_argument("--quick", action="store_true", help="first two shapes only")
+    ap.add_argument("--shapes", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="indices into SHAPES to bench and sweep, e.g. 0,1,2,3")
     ap.add_argument("--rule", default="delta", choices=["delta", "sum"])
     ap.add_argument("--backends", default="triton,chunk,fla,sdpa")
     args = ap.parse_args()
