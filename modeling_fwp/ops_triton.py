@@ -709,6 +709,7 @@ class _Plan:
         while chunk_size > 16 and chunk_size * kp * item * 3 > 96 * 1024:
             chunk_size //= 2
         self.B, self.T, self.H, self.K, self.V, self.BT = B, T, H, K, V, chunk_size
+        self.kp = kp
         self.dtype = v.dtype
         self.prec = "ieee" if v.dtype == torch.float32 else "tf32"
         self.varlen = cu_seqlens is not None
@@ -765,13 +766,25 @@ class _Plan:
         return dict(H=self.H, K=self.K, V=self.V, BT=self.BT, IS_VARLEN=self.varlen, PREC=self.prec)
 
     def fixed_bv_state(self, wide: bool) -> int:
-        """BV of a sequential kernel when not autotuned. The H200's autotuner (K = 64, 2026-12-02,
-        results/bench/kernels_h200_autotuned_run5.json) picked half the widest block, i.e. twice the programs,
-        except for the forward with the output fused in and the state backward (`wide`) at >= 256 sequence x head
-        programs, where the SMs are busy anyway."""
-        if TUNE.get("BV_state") or self.K > 64:
+        """BV of a sequential kernel when not autotuned: the H200 autotuner's picks (2026-12-02,
+        results/bench/kernels_h200_autotuned_run5.json and kernels_h200_run8_*.json).  At K <= 64 half the widest
+        block, i.e. twice the programs, except for the forward with the output fused in and the state backward
+        (`wide`) at >= 256 sequence x head programs, where the SMs are busy anyway, and a quarter of it at
+        <= 32 programs (one long sequence), where short per-chunk steps on more SMs win.  At K = 128 half."""
+        if TUNE.get("BV_state") or self.kp > 128:
             return self.BV_s
+        if self.kp > 64:
+            return max(16, self.BV_s // 2)
+        if self.NHB <= 32:
+            return max(16, self.BV_s // 4)
         return self.BV_s if (wide and self.NHB >= 256) else max(16, self.BV_s // 2)
+
+    def fixed_stages_state(self) -> int:
+        """Pipelining depth of a sequential kernel when not autotuned: 4 at K <= 64 with <= 32 programs (the
+        H200 autotuner's pick there, run 8), else as many as the tiles leave room for (stages_s)."""
+        if TUNE.get("stages_state") or self.kp > 64 or self.NHB > 32:
+            return self.stages_s
+        return 4
 
     def run_seq(self, kernel, args, flags, key_flags, wide=False):
         """A chunk-sequential kernel, grid (V blocks, sequences x heads)."""
@@ -789,7 +802,7 @@ class _Plan:
             configs = [triton.Config(dict(BV=bv), num_warps=4 if self.BK_s * self.NKB * bv <= 8192 else 8,
                                      num_stages=st) for bv in options for st in (2, 3, 4)]
         _launch(kernel, grid, args, kwargs, configs, ("K", "V", "BT", "NHB") + tuple(key_flags),
-                dict(BV=self.fixed_bv_state(wide), num_warps=self.warps_s, num_stages=self.stages_s))
+                dict(BV=self.fixed_bv_state(wide), num_warps=self.warps_s, num_stages=self.fixed_stages_state()))
 
     def run_par(self, kernel, args, extra, key_flags=(), nsplit=None, pairs=((2, 2), (4, 2), (4, 3), (8, 2)),
                 plain=(4, 2)):
