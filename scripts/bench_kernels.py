@@ -296,11 +296,12 @@ def sweep(args):
 
 
 def profile(args):
-    """GPU time per kernel for one forward+backward (torch.profiler), ours and fla, at the K=64 shapes."""
+    """GPU time per kernel for one forward+backward (torch.profiler), ours and fla, at the K=64 shapes (or at
+    the --shapes given)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     out = []
-    for (B, T, H, K, V) in [s for s in SHAPES if s[3] == 64]:
+    for (B, T, H, K, V) in selected_shapes(args) if args.shapes else [s for s in SHAPES if s[3] == 64]:
         for be in ("triton", "fla"):
             fn = runner(be, args.rule)
             if fn is None:
