@@ -16,6 +16,9 @@ Per chunk of C tokens (rows of Q, K, V; S0 = state entering the chunk):
 The sum rule is the same with U~ = V (no W).  The backward mirrors it (see _ChunkRule.backward): recompute
 W, U, L^-1 and the chunk states, run the state gradient backwards over chunks, then per-chunk gradients.
 
+For a few long sequences, ops_triton_segments.py (opt-in) cuts each into segments of chunks and runs these
+kernels over the segments in parallel, joined by a short scan over the segments' affine state maps.
+
 Kernels tile K into at most 4 register blocks (K <= 512) and V over the grid.  Everything also runs under
 TRITON_INTERPRET=1 on CPU (that is how CI tests it).  This module raises ImportError without triton.
 """
@@ -38,7 +41,8 @@ __all__ = ["delta_rule_triton", "sum_rule_triton"]
 
 # Block-size overrides, for tests (to reach the multi-block code paths at tiny shapes) and for the
 # benchmark's sweeps.  Keys: "BK_state", "BV_state" (sequential kernels), "BK", "BV" (parallel kernels),
-# "fused_output" (bool), "warps_state", "stages_state", "warps", "recurrent_max_len".
+# "fused_output" (bool), "warps_state", "stages_state", "warps", "recurrent_max_len"; "segmented" (bool) and
+# "segment_chunks" for ops_triton_segments.
 TUNE: dict = {}
 
 MAX_K = 512
@@ -481,9 +485,10 @@ def _state_bwd_kernel(q, k, w, do, dh, dvnew, dht, dh0, cu_seqlens, chunk_offset
                       H, K, V, BT: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, NKB: tl.constexpr,
                       IS_DELTA: tl.constexpr, IS_VARLEN: tl.constexpr, USE_DHT: tl.constexpr,
-                      STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+                      STORE_DH0: tl.constexpr, STORE_DH: tl.constexpr, PREC: tl.constexpr):
     """Reverse over chunks: dS holds the gradient of the state leaving the chunk.  Per chunk it stores dS,
-    dU~ = scale tril(Q K^T)^T dO + K dS, then dS += scale Q^T dO - W^T dU~ (delta) / scale Q^T dO (sum)."""
+    dU~ = scale tril(Q K^T)^T dO + K dS, then dS += scale Q^T dO - W^T dU~ (delta) / scale Q^T dO (sum).
+    Without STORE_DH only the gradient of the initial state comes out (ops_triton_segments needs just that)."""
     i_v = tl.program_id(0)
     i_n, i_h, bos, eos, g0 = _seq_of_program(cu_seqlens, chunk_offsets, tl.program_id(1), T, H, BT, IS_VARLEN)
     dt = k.dtype.element_ty
@@ -507,13 +512,14 @@ def _state_bwd_kernel(q, k, w, do, dh, dvnew, dht, dh0, cu_seqlens, chunk_offset
         c = nch - 1 - cc
         rows = bos + c * BT + r
         mrow = rows < eos
-        _st_state(dh, d0, g0 + c, i_h, H, K, V, 0, v0, BK, BV)
-        if NKB > 1:
-            _st_state(dh, d1, g0 + c, i_h, H, K, V, BK, v0, BK, BV)
-        if NKB > 2:
-            _st_state(dh, d2, g0 + c, i_h, H, K, V, 2 * BK, v0, BK, BV)
-        if NKB > 3:
-            _st_state(dh, d3, g0 + c, i_h, H, K, V, 3 * BK, v0, BK, BV)
+        if STORE_DH:
+            _st_state(dh, d0, g0 + c, i_h, H, K, V, 0, v0, BK, BV)
+            if NKB > 1:
+                _st_state(dh, d1, g0 + c, i_h, H, K, V, BK, v0, BK, BV)
+            if NKB > 2:
+                _st_state(dh, d2, g0 + c, i_h, H, K, V, 2 * BK, v0, BK, BV)
+            if NKB > 3:
+                _st_state(dh, d3, g0 + c, i_h, H, K, V, 3 * BK, v0, BK, BV)
         dot_ = _ld_tok(do, rows, mrow, i_h, H, V, v0, BV)
         q0 = _ld_tok(q, rows, mrow, i_h, H, K, 0, BK)
         k0 = _ld_tok(k, rows, mrow, i_h, H, K, 0, BK)
@@ -536,7 +542,8 @@ def _state_bwd_kernel(q, k, w, do, dh, dvnew, dht, dh0, cu_seqlens, chunk_offset
             dvn += tl.dot(k3, d3.to(dt), input_precision=PREC)
         pt = tl.trans(tl.where(causal, qk * scale, 0.0)).to(dt)
         dvn += tl.dot(pt, dot_, input_precision=PREC)
-        _st_tok(dvnew, dvn, rows, mrow, i_h, H, V, v0, BV)
+        if STORE_DH:
+            _st_tok(dvnew, dvn, rows, mrow, i_h, H, V, v0, BV)
         dvn_dt = dvn.to(dt)
         d0 += scale * tl.dot(tl.trans(q0), dot_, input_precision=PREC)
         if IS_DELTA:
@@ -841,11 +848,12 @@ def _state_fwd(p: _Plan, q, k, w, u, scale, h0, want_ht, store_h, write_o, is_de
     return o, h, (vnew if is_delta else u), ht
 
 
-def _forward(p: _Plan, q, k, v, beta, scale, h0, want_ht, is_delta, keep_linv=False):
-    """Returns o, the final state (or None) and L^-1 when keep_linv (the backward then skips the inversion)."""
+def _forward(p: _Plan, q, k, v, beta, scale, h0, want_ht, is_delta, keep_linv=False, wy=None):
+    """Returns o, the final state (or None) and L^-1 when keep_linv (the backward then skips the inversion).
+    wy: (W, U, L^-1 or None) already made by the caller."""
     linv = None
     if is_delta:
-        w, u, linv = _wy_fwd(p, k, v, beta, store_linv=keep_linv)
+        w, u, linv = wy if wy is not None else _wy_fwd(p, k, v, beta, store_linv=keep_linv)
         linv = linv if keep_linv else None
     else:
         w, u = None, v
@@ -861,12 +869,19 @@ def _forward(p: _Plan, q, k, v, beta, scale, h0, want_ht, is_delta, keep_linv=Fa
     return o, ht, linv
 
 
-def _backward(p: _Plan, q, k, v, beta, scale, h0, do, dht, is_delta, linv=None):
+def _wu(p: _Plan, k, v, beta, linv):
+    """W and U again from the L^-1 the forward kept."""
+    w, u = torch.empty_like(k), torch.empty_like(v)
+    p.run_par(_wu_from_linv_kernel, (k, v, beta, linv, w, u, p.cu, p.chunk_indices, p.T), {})
+    return w, u
+
+
+def _backward(p: _Plan, q, k, v, beta, scale, h0, do, dht, is_delta, linv=None, wu=None):
+    """wu: (W, U) already made from linv by the caller."""
     if is_delta and linv is None:
         w, u, linv = _wy_fwd(p, k, v, beta, store_linv=True)
     elif is_delta:
-        w, u = torch.empty_like(k), torch.empty_like(v)
-        p.run_par(_wu_from_linv_kernel, (k, v, beta, linv, w, u, p.cu, p.chunk_indices, p.T), {})
+        w, u = wu if wu is not None else _wu(p, k, v, beta, linv)
     else:
         w, u, linv = None, v, None
     _, h, vnew, _ = _state_fwd(p, q, k, w, u, scale, h0, False, store_h=True, write_o=False,
@@ -876,8 +891,8 @@ def _backward(p: _Plan, q, k, v, beta, scale, h0, do, dht, is_delta, linv=None):
     dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None else None
     args = (q, k, w if is_delta else q, do, dh, dvnew, dht if dht is not None else do,
             dh0 if dh0 is not None else do, p.cu, p.chunk_offsets, p.T, scale, p.NHB)
-    flags = dict(IS_DELTA=is_delta, USE_DHT=dht is not None, STORE_DH0=dh0 is not None)
-    p.run_seq(_state_bwd_kernel, args, flags, ("IS_DELTA",), wide=True)
+    flags = dict(IS_DELTA=is_delta, USE_DHT=dht is not None, STORE_DH0=dh0 is not None, STORE_DH=True)
+    p.run_seq(_state_bwd_kernel, args, flags, ("IS_DELTA", "STORE_DH"), wide=True)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k, dtype=torch.float32) if is_delta else torch.empty_like(k)
     dw = torch.empty_like(k) if is_delta else dk
@@ -974,6 +989,10 @@ def _run(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, ch
     max_len = TUNE.get("recurrent_max_len", 16)
     if not needs_grad and q.shape[0] * q.shape[1] <= max_len * max(n_seq, 1):
         return _recurrent(q, k, v, beta, scale, h0, output_final_state, cu_seqlens, is_delta)
+    from .ops_triton_segments import _SegmentedRule, use_segments
+
+    if use_segments(q.shape[0], q.shape[1], q.shape[2], q.shape[3], cu_seqlens, chunk_size):
+        return _SegmentedRule.apply(q, k, v, beta, scale, h0, output_final_state, cu_seqlens, chunk_size, is_delta)
     return _ChunkRule.apply(q, k, v, beta, scale, h0, output_final_state, cu_seqlens, chunk_size, is_delta)
 
 
