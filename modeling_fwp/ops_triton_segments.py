@@ -25,11 +25,14 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
-import triton.language as tl
 
-from . import ops_triton
-from .ops_triton import (_backward, _forward, _ld_state, _Plan, _st_state, _state_bwd_kernel, _state_fwd,
+try:  # guarded like ops_triton's, so transformers' import check of a Hub folder does not demand triton
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError(f"modeling_fwp.ops_triton_segments needs triton: {error}") from error
+
+from .ops_triton import (TUNE, _backward, _forward, _ld_state, _Plan, _st_state, _state_bwd_kernel, _state_fwd,
                          _state_offsets, _wu, _wy_fwd)
 
 SEGMENT_CHUNKS = 32  # chunks per segment: 16 segments x 16 heads for one 32768-token sequence
@@ -37,7 +40,7 @@ SEGMENT_CHUNKS = 32  # chunks per segment: 16 segments x 16 heads for one 32768-
 
 def use_segments(B, T, H, K, cu_seqlens, chunk_size) -> bool:
     """Whether _run takes this path (opt-in; only where it can pay: few sequence x head programs)."""
-    on = ops_triton.TUNE.get("segmented")
+    on = TUNE.get("segmented")
     if on is None:
         on = os.environ.get("FWP_TRITON_SEGMENTED") == "1"
     n = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -45,7 +48,7 @@ def use_segments(B, T, H, K, cu_seqlens, chunk_size) -> bool:
 
 
 def _segment_chunks() -> int:
-    return int(ops_triton.TUNE.get("segment_chunks") or SEGMENT_CHUNKS)
+    return int(TUNE.get("segment_chunks") or SEGMENT_CHUNKS)
 
 
 @triton.jit

@@ -8,7 +8,6 @@ On CUDA, larger shapes also run in-process (fp32 against float64, bf16 with a lo
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 
 import pytest
