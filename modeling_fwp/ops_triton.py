@@ -99,6 +99,19 @@ def _st_state(ptr, val, idx, i_h, H, K, V, k0, v0,
 
 
 @triton.jit
+def _st_state_blocks(ptr, b0, b1, b2, b3, idx, i_h, H, K, V, v0,
+                     BK: tl.constexpr, BV: tl.constexpr, NKB: tl.constexpr):
+    """Store a state held as NKB register blocks b0..b3 of BK rows (the sequential kernels' layout)."""
+    _st_state(ptr, b0, idx, i_h, H, K, V, 0, v0, BK, BV)
+    if NKB > 1:
+        _st_state(ptr, b1, idx, i_h, H, K, V, BK, v0, BK, BV)
+    if NKB > 2:
+        _st_state(ptr, b2, idx, i_h, H, K, V, 2 * BK, v0, BK, BV)
+    if NKB > 3:
+        _st_state(ptr, b3, idx, i_h, H, K, V, 3 * BK, v0, BK, BV)
+
+
+@triton.jit
 def _chunk_of_program(cu_seqlens, chunk_indices, pid_t, pid_bh, T, H, BT: tl.constexpr,
                       IS_VARLEN: tl.constexpr):
     """For the chunk-parallel kernels: (head, first token row, end of its sequence, global chunk index).
@@ -336,13 +349,7 @@ def _state_fwd_kernel(q, k, w, u, o, h, vnew, h0, ht, cu_seqlens, chunk_offsets,
         rows = bos + c * BT + r
         mrow = rows < eos
         if STORE_H:
-            _st_state(h, s0, g0 + c, i_h, H, K, V, 0, v0, BK, BV)
-            if NKB > 1:
-                _st_state(h, s1, g0 + c, i_h, H, K, V, BK, v0, BK, BV)
-            if NKB > 2:
-                _st_state(h, s2, g0 + c, i_h, H, K, V, 2 * BK, v0, BK, BV)
-            if NKB > 3:
-                _st_state(h, s3, g0 + c, i_h, H, K, V, 3 * BK, v0, BK, BV)
+            _st_state_blocks(h, s0, s1, s2, s3, g0 + c, i_h, H, K, V, v0, BK, BV, NKB)
         vn = _ld_tok(u, rows, mrow, i_h, H, V, v0, BV).to(tl.float32)
         k0 = _ld_tok(k, rows, mrow, i_h, H, K, 0, BK)
         if NKB > 1:
@@ -390,13 +397,7 @@ def _state_fwd_kernel(q, k, w, u, o, h, vnew, h0, ht, cu_seqlens, chunk_offsets,
             s3 += tl.dot(tl.trans(k3), vn_dt, input_precision=PREC)
 
     if STORE_HT:
-        _st_state(ht, s0, i_n, i_h, H, K, V, 0, v0, BK, BV)
-        if NKB > 1:
-            _st_state(ht, s1, i_n, i_h, H, K, V, BK, v0, BK, BV)
-        if NKB > 2:
-            _st_state(ht, s2, i_n, i_h, H, K, V, 2 * BK, v0, BK, BV)
-        if NKB > 3:
-            _st_state(ht, s3, i_n, i_h, H, K, V, 3 * BK, v0, BK, BV)
+        _st_state_blocks(ht, s0, s1, s2, s3, i_n, i_h, H, K, V, v0, BK, BV, NKB)
 
 
 @triton.jit
@@ -513,13 +514,7 @@ def _state_bwd_kernel(q, k, w, do, dh, dvnew, dht, dh0, cu_seqlens, chunk_offset
         rows = bos + c * BT + r
         mrow = rows < eos
         if STORE_DH:
-            _st_state(dh, d0, g0 + c, i_h, H, K, V, 0, v0, BK, BV)
-            if NKB > 1:
-                _st_state(dh, d1, g0 + c, i_h, H, K, V, BK, v0, BK, BV)
-            if NKB > 2:
-                _st_state(dh, d2, g0 + c, i_h, H, K, V, 2 * BK, v0, BK, BV)
-            if NKB > 3:
-                _st_state(dh, d3, g0 + c, i_h, H, K, V, 3 * BK, v0, BK, BV)
+            _st_state_blocks(dh, d0, d1, d2, d3, g0 + c, i_h, H, K, V, v0, BK, BV, NKB)
         dot_ = _ld_tok(do, rows, mrow, i_h, H, V, v0, BV)
         q0 = _ld_tok(q, rows, mrow, i_h, H, K, 0, BK)
         k0 = _ld_tok(k, rows, mrow, i_h, H, K, 0, BK)
@@ -564,13 +559,7 @@ def _state_bwd_kernel(q, k, w, do, dh, dvnew, dht, dh0, cu_seqlens, chunk_offset
                              input_precision=PREC)
 
     if STORE_DH0:
-        _st_state(dh0, d0, i_n, i_h, H, K, V, 0, v0, BK, BV)
-        if NKB > 1:
-            _st_state(dh0, d1, i_n, i_h, H, K, V, BK, v0, BK, BV)
-        if NKB > 2:
-            _st_state(dh0, d2, i_n, i_h, H, K, V, 2 * BK, v0, BK, BV)
-        if NKB > 3:
-            _st_state(dh0, d3, i_n, i_h, H, K, V, 3 * BK, v0, BK, BV)
+        _st_state_blocks(dh0, d0, d1, d2, d3, i_n, i_h, H, K, V, v0, BK, BV, NKB)
 
 
 @triton.jit

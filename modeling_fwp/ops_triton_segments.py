@@ -137,8 +137,7 @@ class _SegmentedRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, scale, h0, output_final_state, cu_seqlens, chunk_size, is_delta):
         B, T, H, K = q.shape
-        size = chunk_size * _segment_chunks()  # the backward must cut the same segments: kept in ctx
-        seg = _Segments(B, T, cu_seqlens, size, q.device)
+        seg = _Segments(B, T, cu_seqlens, chunk_size * _segment_chunks(), q.device)
         qf, kf, vf = (x.reshape(1, B * T, H, x.shape[-1]) for x in (q, k, v))
         bf = beta.reshape(1, B * T, H) if is_delta else None
         p = _Plan(qf, vf, seg.cu, chunk_size)
@@ -148,16 +147,17 @@ class _SegmentedRule(torch.autograd.Function):
         s_enter, ht = _scan(p, seg, mmap, nmap, h0, reverse=False)
         o, _, _ = _forward(p, qf, kf, vf, bf, scale, s_enter, False, is_delta, keep_linv=keep,
                            wy=(w, u, linv if keep else None))
-        ctx.save_for_backward(q, k, v, beta, h0, cu_seqlens, linv if keep else None, mmap, s_enter)
-        ctx.scale, ctx.chunk_size, ctx.is_delta, ctx.segment_size = scale, chunk_size, is_delta, size
+        ctx.save_for_backward(q, k, v, beta, h0, linv if keep else None, mmap, s_enter)
+        ctx.scale, ctx.chunk_size, ctx.is_delta = scale, chunk_size, is_delta
+        ctx.seg = seg  # the backward cuts the same segments (TUNE may have changed since): integer tensors only
         return o.reshape(v.shape), (ht if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, h0, cu_seqlens, linv, mmap, s_enter = ctx.saved_tensors
+        q, k, v, beta, h0, linv, mmap, s_enter = ctx.saved_tensors
         B, T, H, K = q.shape
         is_delta = ctx.is_delta
-        seg = _Segments(B, T, cu_seqlens, ctx.segment_size, q.device)
+        seg = ctx.seg
         qf, kf, vf = (x.reshape(1, B * T, H, x.shape[-1]) for x in (q, k, v))
         bf = beta.reshape(1, B * T, H) if is_delta else None
         dof = do.reshape(1, B * T, H, v.shape[-1]).contiguous()
