@@ -16,6 +16,10 @@ class FWPLayerState:
     """One layer's state. `seen_tokens` counts input columns (pads included: what generate() slices by);
     `row_tokens` counts each row's real tokens (what positions continue from under left padding)."""
 
+    # transformers >= 5.25 asks every cache layer whether `crop` can roll it back (assisted decoding checks this
+    # after the prefill instead of refusing `_is_stateful` models up front): a sum over all tokens seen cannot.
+    is_croppable = False
+
     fast_weights: torch.Tensor | None = None
     z: torch.Tensor | None = None
     conv_tail: torch.Tensor | None = None

@@ -325,11 +325,16 @@ def test_low_precision_model_keeps_a_float32_state():
         assert layer.fast_weights.dtype == torch.float32 and layer.z.dtype == torch.float32
 
 
+@pytest.mark.allow_deprecation  # transformers 5.25's assistant candidate generator passes generation_config with kwargs
 def test_assisted_generation_is_refused_clearly():
-    """It needs to roll the cache back, which a fast-weight state cannot do."""
+    """It needs to roll the cache back, which a fast-weight state cannot do.  transformers < 5.25 refuses the
+    `_is_stateful` model up front; 5.25 asks the cache (`is_croppable`) after the prefill."""
     model = make_model("delta_net")
-    with pytest.raises(ValueError, match="stateful"):
+    with pytest.raises(ValueError, match="stateful|cache that can be cropped"):
         greedy(model, random_ids(1, 4), 3, assistant_model=make_model("delta_net", seed=1))
+    with torch.no_grad():
+        cache = output_cache(model(random_ids(1, 4), use_cache=True))
+    assert all(layer.is_croppable is False for layer in cache.layers)
 
 
 # ----------------------------------------------------------------------------------------------- constant state
