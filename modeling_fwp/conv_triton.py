@@ -15,7 +15,8 @@ preceded it, from the cache; zeros without one) and never another sequence's tok
 sequence's last K-1 inputs (taken partly from the old tail when the sequence is shorter than K-1).
 
 Layouts: x [B,T,C] with one sequence per row and tail [B,K-1,C]; or packed, B == 1 and cu_seqlens [N+1]
-(empty sequences allowed) with tail [N,K-1,C].  Each kernel program owns a tile of (tokens, channels) of
+(empty sequences allowed) with tail [N,K-1,C].  x may be a view with unit channel stride and evenly spaced
+token rows (the model's q, k and v: channel slices of one projection's output), which is read in place.  Each kernel program owns a tile of (tokens, channels) of
 the flattened [B*T, C] input; a tile may straddle sequences, so every row looks up its own sequence.
 
 Backward (hand-written, recomputes the pre-activation instead of saving it):
@@ -74,7 +75,7 @@ if HAS_TRITON:
         return seq, bos, eos
 
     @triton.jit
-    def _src(x, tail, rows, mrow, seq, bos, eos, cols, mcol, C, m, near_start,
+    def _src(x, tail, rows, mrow, seq, bos, eos, cols, mcol, C, SX, m, near_start,
              K: tl.constexpr, HAS_TAIL: tl.constexpr, ACC: tl.constexpr):
         """Source tile for shift m: row s reads position s - (K-1) + m of its own sequence, or before the
         sequence's start its tail (index s - bos + m), or 0 without a tail.  The tail load runs only in
@@ -82,7 +83,7 @@ if HAS_TRITON:
         rel = rows - bos + (m - (K - 1))  # source position relative to the sequence start
         src = rows + (m - (K - 1))
         in_x = mrow & (rel >= 0) & (src < eos)  # src >= eos only feeds rows that are masked later
-        v = tl.load(x + src.to(tl.int64)[:, None] * C + cols[None, :], mask=in_x[:, None] & mcol[None, :],
+        v = tl.load(x + src.to(tl.int64)[:, None] * SX + cols[None, :], mask=in_x[:, None] & mcol[None, :],
                     other=0.0).to(ACC)
         if HAS_TAIL:
             if near_start:
@@ -92,7 +93,7 @@ if HAS_TRITON:
         return v
 
     @triton.jit
-    def _conv_fwd_kernel(x, w, tail, y, seq_ids, cu_seqlens, R, T, C,
+    def _conv_fwd_kernel(x, w, tail, y, seq_ids, cu_seqlens, R, T, C, SX,
                          K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr,
                          SILU: tl.constexpr, HAS_TAIL: tl.constexpr, IS_VARLEN: tl.constexpr):
         """One pass over x: a (BT tokens, BC channels) tile of y from K shifted loads (cache hits)."""
@@ -104,7 +105,7 @@ if HAS_TRITON:
         acc = tl.zeros([BT, BC], dtype=ACC)
         for j in tl.static_range(K):
             wj = tl.load(w + cols * K + j, mask=mcol, other=0.0).to(ACC)
-            v = _src(x, tail, rows, mrow, seq, bos, eos, cols, mcol, C, j, near_start, K, HAS_TAIL, ACC)
+            v = _src(x, tail, rows, mrow, seq, bos, eos, cols, mcol, C, SX, j, near_start, K, HAS_TAIL, ACC)
             acc += wj[None, :] * v
         if SILU:
             acc = acc * tl.sigmoid(acc)
@@ -112,7 +113,7 @@ if HAS_TRITON:
         tl.store(y + offs, acc.to(y.dtype.element_ty), mask=mrow[:, None] & mcol[None, :])
 
     @triton.jit
-    def _conv_bwd_kernel(x, w, tail, dy, dx, dw_part, seq_ids, cu_seqlens, R, T, C,
+    def _conv_bwd_kernel(x, w, tail, dy, dx, dw_part, seq_ids, cu_seqlens, R, T, C, SX,
                          K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                          TILES: tl.constexpr, ACC: tl.constexpr, SILU: tl.constexpr, HAS_TAIL: tl.constexpr,
                          IS_VARLEN: tl.constexpr):
@@ -140,7 +141,7 @@ if HAS_TRITON:
                 pres = pres + (tl.zeros([BT, BC], dtype=ACC),)
             dxa = tl.zeros([BT, BC], dtype=ACC)
             for m in tl.static_range(2 * K - 1):
-                v = _src(x, tail, rows, mrow, seq, bos, eos, cols, mcol, C, m, near_start, K, HAS_TAIL, ACC)
+                v = _src(x, tail, rows, mrow, seq, bos, eos, cols, mcol, C, SX, m, near_start, K, HAS_TAIL, ACC)
                 if m < K:
                     srcs = srcs + (v,)
                 new_pres = ()
@@ -169,7 +170,7 @@ if HAS_TRITON:
         tl.store(dw_part + offs, dw.to(dw_part.dtype.element_ty), mask=(jdx < K) & mcol[None, :])
 
     @triton.jit
-    def _new_tail_kernel(x, tail, new_tail, cu_seqlens, T, C,
+    def _new_tail_kernel(x, tail, new_tail, cu_seqlens, T, C, SX,
                          K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr,
                          HAS_TAIL: tl.constexpr, IS_VARLEN: tl.constexpr):
         """new_tail[n, i] = input at position len - (K-1) + i of sequence n (its old tail before its start)."""
@@ -186,7 +187,7 @@ if HAS_TRITON:
         mi = i < K - 1
         rel = length - (K - 1) + i
         in_x = mi & (rel >= 0)
-        v = tl.load(x + (bos + rel)[:, None] * C + cols[None, :], mask=in_x[:, None] & mcol[None, :], other=0.0)
+        v = tl.load(x + (bos + rel)[:, None] * SX + cols[None, :], mask=in_x[:, None] & mcol[None, :], other=0.0)
         v = v.to(new_tail.dtype.element_ty)
         toffs = (n.to(tl.int64) * (K - 1) + i)
         if HAS_TAIL:
@@ -242,15 +243,30 @@ def _check(x, weight, cu_seqlens, tail, activation):
 
 
 def _blocks(C, bwd):
-    """(BT, BC, warps).  The forward's from sm_90 register counts (bf16, K=4: 16 elements per thread, 16-byte
-    loads, ~122 registers).  The backward's from a sweep on an H100 (bf16, 8 x 2048 tokens, C = 1024, K = 4):
-    BT 64, BC 64, 4 warps, one tile per program took 0.19 ms, against 0.22-0.70 ms for the other 23 settings
-    of BT {16, 32, 64} x BC {64, 128} x warps {4, 8} x tiles {1, 4}."""
+    """(BT, BC, warps), from `scripts/bench_conv.py --sweep` on an H200 (bf16, 16384 tokens, a 1024-channel
+    slice of a 3088-wide input, K = 4; results/bench/conv_sweep_h200.json): the forward at BT 32, BC 256, 4 warps
+    took 0.048 ms against 0.094 at the earlier 32 / 128 / 8 (35 other settings 0.057-0.79); the backward at
+    BT 16, BC 128, 2 warps 0.44 ms forward+backward against 0.75 at the earlier 64 / 64 / 4 (an H100 sweep's pick,
+    which had not tried 2 warps)."""
     suffix = "_bwd" if bwd else ""
-    bt = TUNE.get("BT" + suffix, 64 if bwd else 32)
-    bc = TUNE.get("BC" + suffix, min(64 if bwd else 128, max(16, triton.next_power_of_2(C))))
-    warps = TUNE.get("warps" + suffix, 4 if bwd else 8)
+    bt = TUNE.get("BT" + suffix, 16 if bwd else 32)
+    bc = TUNE.get("BC" + suffix, min(128 if bwd else 256, max(16, triton.next_power_of_2(C))))
+    warps = TUNE.get("warps" + suffix, 2 if bwd else 4)
     return bt, bc, warps
+
+
+def _row_stride(x):
+    """Elements between consecutive flattened [B*T] token rows of x (any value where there is one row)."""
+    B, T, C = x.shape
+    return x.stride(1) if T > 1 else (x.stride(0) if B > 1 else C)
+
+
+def _rows_addressable(x):
+    """Whether the kernels can read x in place: unit channel stride and evenly spaced token rows, as in a channel
+    slice (q, k or v) of the joint projection's output, whose copy would cost a whole extra pass."""
+    B, T, C = x.shape
+    sx = _row_stride(x)
+    return (C <= 1 or x.stride(2) == 1) and sx >= C and (B == 1 or T == 1 or x.stride(0) == T * sx)
 
 
 def _new_tail(x, tail, cu, N, K):
@@ -260,7 +276,7 @@ def _new_tail(x, tail, cu, N, K):
         return new_tail
     bc = min(128, max(16, triton.next_power_of_2(C)))
     grid = (N, triton.cdiv(C, bc))
-    _new_tail_kernel[grid](x, tail if tail is not None else x, new_tail, cu, T, C, K=K,
+    _new_tail_kernel[grid](x, tail if tail is not None else x, new_tail, cu, T, C, _row_stride(x), K=K,
                            KP=triton.next_power_of_2(K - 1), BC=bc, HAS_TAIL=tail is not None,
                            IS_VARLEN=cu is not None, num_warps=4)
     return new_tail
@@ -272,12 +288,12 @@ class _ShortConv(torch.autograd.Function):
         B, T, C = x.shape
         K = weight.shape[1]
         R = B * T
-        y = torch.empty_like(x)
+        y = x.new_empty(B, T, C)
         if R > 0 and C > 0:
             bt, bc, warps = _blocks(C, bwd=False)
             grid = (triton.cdiv(R, bt), triton.cdiv(C, bc))
             _conv_fwd_kernel[grid](x, weight, tail if tail is not None else x, y, seq_ids, cu, R, T, C,
-                                   K=K, BT=bt, BC=bc, ACC=_acc_dtype(x.dtype), SILU=silu,
+                                   _row_stride(x), K=K, BT=bt, BC=bc, ACC=_acc_dtype(x.dtype), SILU=silu,
                                    HAS_TAIL=tail is not None, IS_VARLEN=cu is not None, num_warps=warps)
         ctx.save_for_backward(x, weight, seq_ids, cu, tail)
         ctx.silu = silu
@@ -290,7 +306,7 @@ class _ShortConv(torch.autograd.Function):
         K = weight.shape[1]
         R = B * T
         dy = dy.contiguous()
-        dx = torch.empty_like(x)
+        dx = x.new_empty(B, T, C)
         if R == 0 or C == 0:
             return dx.zero_(), torch.zeros_like(weight), None, None, None, None
         bt, bc, warps = _blocks(C, bwd=True)
@@ -299,7 +315,7 @@ class _ShortConv(torch.autograd.Function):
         acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
         dw_part = x.new_empty(n_prog, K, C, dtype=acc_t)
         _conv_bwd_kernel[(n_prog, triton.cdiv(C, bc))](
-            x, weight, tail if tail is not None else x, dy, dx, dw_part, seq_ids, cu, R, T, C,
+            x, weight, tail if tail is not None else x, dy, dx, dw_part, seq_ids, cu, R, T, C, _row_stride(x),
             K=K, KP=triton.next_power_of_2(K), BT=bt, BC=bc, TILES=tiles, ACC=_acc_dtype(x.dtype),
             SILU=ctx.silu, HAS_TAIL=tail is not None, IS_VARLEN=cu is not None, num_warps=warps)
         dw = dw_part.sum(0).t().to(weight.dtype).contiguous()
@@ -316,7 +332,7 @@ def short_conv_triton(x, weight, cu_seqlens=None, tail=None, activation="silu"):
     x.dtype, new_tail [N,K-1,C] in x.dtype, detached).  Gradients flow to x and weight (weight's dtype)."""
     _check(x, weight, cu_seqlens, tail, activation)
     K = weight.shape[1]
-    x = x.contiguous()
+    x = x if _rows_addressable(x) else x.contiguous()
     weight = weight.contiguous()
     tail = tail.to(x.dtype).contiguous() if tail is not None else None  # as the reference: tail.to(x.dtype)
     seq_ids, cu, N = _layout(x, cu_seqlens)

@@ -112,12 +112,14 @@ def _scan(p: _Plan, seg: _Segments, m, n, s0, reverse):
     state (reverse), and the last value (final state / gradient of the initial state), all fp32."""
     out = torch.zeros_like(n)  # surplus (empty) segments keep zeros
     last = n.new_empty(seg.n, p.H, p.K, p.V)
-    bv = min(64 if p.kp <= 64 else 32, max(16, triton.next_power_of_2(p.V)))
+    # Narrow V blocks: a program holds all of M_j (K x K fp32) besides its S block, and at BV = 64 the fp32
+    # dot spilled its registers (2.2 ms for 16 steps on an H200 instead of some microseconds).
+    bv = min(TUNE.get("BV_scan") or 16, max(16, triton.next_power_of_2(p.V)))
     grid = (triton.cdiv(p.V, bv), seg.n * p.H)
     _segment_scan_kernel[grid](m if m is not None else n, n, out, s0 if s0 is not None else n, last,
                                seg.first, seg.count, p.H, p.K, p.V, BK=p.kp, BV=bv, HAS_M=m is not None,
                                USE_S0=s0 is not None, STORE_LAST=True, REVERSE=reverse,
-                               num_warps=4 if p.kp <= 64 else 8)
+                               num_warps=TUNE.get("warps_scan") or (4 if p.kp <= 64 else 8))
     return out, last
 
 

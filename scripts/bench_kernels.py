@@ -273,6 +273,9 @@ def sweep(args):
         dict(segmented=True),
         dict(segmented=True, segment_chunks=16),
         dict(segmented=True, segment_chunks=64),
+        dict(segmented=True, BV_scan=32),
+        dict(segmented=True, warps_scan=8),
+        dict(segmented=True, segment_chunks=16, warps_scan=8),
         dict(BV_state=32),
         dict(warps_state=8),
         dict(stages_state=1),
@@ -304,7 +307,7 @@ def profile(args):
     from torch.profiler import profile as torch_profile
     out = []
     for (B, T, H, K, V) in selected_shapes(args) if args.shapes else [s for s in SHAPES if s[3] == 64]:
-        for be in ("triton", "fla"):
+        for be in [b for b in ("triton", "fla") if b in args.backends.split(",")]:
             fn = runner(be, args.rule)
             if fn is None:
                 continue

@@ -49,6 +49,12 @@ CASES = {
     "fp64_unpacked": dict(B=2, T=5, C=40, K=4, tail=True, dtype="float64"),
     "fp64_packed": dict(B=1, T=20, C=40, K=4, tail=True, cu=[0, 5, 5, 6, 8, 20], dtype="float64"),
     "bf16_packed": dict(B=1, T=20, C=40, K=4, tail=True, cu=[0, 5, 5, 6, 8, 20], dtype="bfloat16"),
+    # x a view, as the model passes q, k and v: a channel slice of a wider tensor (read in place), and a time
+    # slice whose batch rows are not evenly spaced (copied first)
+    "channel_slice_unpacked": dict(B=2, T=70, C=40, K=4, tail=True, slice=(24, 8), tune=_SMALL),
+    "channel_slice_T1": dict(B=3, T=1, C=40, K=4, tail=True, slice=(3, 0)),
+    "channel_slice_packed": dict(B=1, T=20, C=40, K=4, tail=True, cu=[0, 5, 5, 6, 8, 20], slice=(0, 17)),
+    "time_slice_unpacked": dict(B=2, T=9, C=40, K=4, tail=False, slice=(8, 8), extra_t=3),
 }
 
 
@@ -81,6 +87,15 @@ def run_case(spec, seed=0, device="cpu", ref_dtype=torch.float64):
     dtype = getattr(torch, spec.get("dtype", "float32"))
     N = B if cu is None else len(cu) - 1
     x = torch.randn(B, T, C, generator=gen).to(device, dtype).requires_grad_()
+    if "slice" in spec:  # the same values inside a wider tensor; x is then a non-leaf view of it
+        before, after = spec["slice"]
+        extra_t = spec.get("extra_t", 0)
+        wide = torch.randn(B, T + extra_t, before + C + after, generator=gen).to(device, dtype)
+        wide[:, :T, before:before + C] = x.detach()
+        x = wide.requires_grad_()[:, :T, before:before + C]
+        in_place = conv_triton._rows_addressable(x)
+        if in_place != (extra_t == 0 or B == 1):
+            raise AssertionError(f"_rows_addressable({tuple(x.stride())}) = {in_place}")
     w_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     w = (0.5 * torch.randn(C, K, generator=gen)).to(device, w_dtype).requires_grad_()
     tail = torch.randn(N, K - 1, C, generator=gen).to(device, dtype) if spec["tail"] else None
