@@ -16,7 +16,7 @@ sequence's last K-1 inputs (taken partly from the old tail when the sequence is 
 
 Layouts: x [B,T,C] with one sequence per row and tail [B,K-1,C]; or packed, B == 1 and cu_seqlens [N+1]
 (empty sequences allowed) with tail [N,K-1,C].  x may be a view with unit channel stride and evenly spaced
-token rows (the model's q, k and v: channel slices of one projection's output), which is read in place.  Each kernel program owns a tile of (tokens, channels) of
+token rows (a channel slice of a wider tensor, such as one joint projection's output), which is read in place.  Each kernel program owns a tile of (tokens, channels) of
 the flattened [B*T, C] input; a tile may straddle sequences, so every row looks up its own sequence.
 
 Backward (hand-written, recomputes the pre-activation instead of saving it):
@@ -263,7 +263,7 @@ def _row_stride(x):
 
 def _rows_addressable(x):
     """Whether the kernels can read x in place: unit channel stride and evenly spaced token rows, as in a channel
-    slice (q, k or v) of the joint projection's output, whose copy would cost a whole extra pass."""
+    slice of a wider tensor, whose copy would cost a whole extra pass."""
     B, T, C = x.shape
     sx = _row_stride(x)
     return (C <= 1 or x.stride(2) == 1) and sx >= C and (B == 1 or T == 1 or x.stride(0) == T * sx)

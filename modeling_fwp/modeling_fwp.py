@@ -284,9 +284,9 @@ class ShortConvolution(nn.Module):
 
     def forward_parts(self, parts, cu_seqlens=None, tail=None, fused=False):
         """Convolves `parts` (q, k, v: consecutive channel groups of this convolution) and returns them separately
-        with the joint new tail. The fused path runs the Triton kernel per part, reading each channel slice of the
-        joint projection in place, so q, k and v are neither copied nor concatenated; the reference path
-        concatenates and calls `forward`."""
+        with the joint new tail. The fused path runs the Triton kernel per part, which reads a part in place even
+        when it is a channel slice of one joint projection, so q, k and v are neither copied nor concatenated; the
+        reference path concatenates and calls `forward`."""
         sizes = [part.shape[-1] for part in parts]
         if not (fused and HAS_FUSED_CONV) or (tail is not None and tail.requires_grad):
             y, new_tail = self.forward(torch.cat(parts, dim=-1), cu_seqlens, tail)

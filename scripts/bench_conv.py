@@ -2,8 +2,9 @@
 
     python scripts/bench_conv.py [--sweep] [--json out.json]
 
-Shapes are the deltanet-370m training step's (16384 tokens, 1024 channels per q / k / v part, kernel 4): the
-model passes each part as a channel slice of the joint projection's output, which the kernels read in place.
+Shapes are the deltanet-370m training step's (16384 tokens, 1024 channels per q / k / v part, kernel 4), as
+contiguous tensors (the training step's separate projections) and as a channel slice of a joint projection's
+output (read in place), and all three parts at once.
 --sweep also times our kernels at other block sizes (TUNE), forward and backward separately, to choose the
 fixed launch settings.  The floor is the bytes a pass must move at the device's bandwidth.
 """
@@ -39,7 +40,7 @@ def inputs(B, T, C, K, width, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     if width:
         leaf = torch.randn(B, T, width, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-        x = leaf[..., :C]  # strided like the model's q, k and v
+        x = leaf[..., :C]  # a channel slice, as of a joint q / k / v projection
     else:
         leaf = x = torch.randn(B, T, C, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     w = (0.5 * torch.randn(C, K, device="cuda", generator=g)).requires_grad_()

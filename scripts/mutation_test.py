@@ -357,6 +357,10 @@ MUTATIONS = [
              "acc = acc * tl.sigmoid(acc)", "acc = acc",
              ("tests/test_conv_triton.py::test_interpreter_matches_reference",),
              "the fused short convolution drops its SiLU"),
+    Mutation("triton_conv_row_stride_ignored", "modeling_fwp/conv_triton.py",
+             "src.to(tl.int64)[:, None] * SX + cols", "src.to(tl.int64)[:, None] * C + cols",
+             ("tests/test_conv_triton.py::test_interpreter_matches_reference",),
+             "the short convolution reads a channel-slice input as if it were contiguous"),
     # -------------------------------------------------------------------------------------------- scripts/train.py
     Mutation("packing_collator_not_used", "scripts/train.py",
              "fwp_data.packing_collator(), streams[\"validation\"])", "default_data_collator, streams[\"validation\"])",
