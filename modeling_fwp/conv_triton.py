@@ -16,8 +16,9 @@ sequence's last K-1 inputs (taken partly from the old tail when the sequence is 
 
 Layouts: x [B,T,C] with one sequence per row and tail [B,K-1,C]; or packed, B == 1 and cu_seqlens [N+1]
 (empty sequences allowed) with tail [N,K-1,C].  x may be a view with unit channel stride and evenly spaced
-token rows (a channel slice of a wider tensor, such as one joint projection's output), which is read in place.  Each kernel program owns a tile of (tokens, channels) of
-the flattened [B*T, C] input; a tile may straddle sequences, so every row looks up its own sequence.
+token rows (a channel slice of a wider tensor, such as one joint projection's output), which is read in place.
+Each kernel program owns a tile of (tokens, channels) of the flattened [B*T, C] input; a tile may straddle
+sequences, so every row looks up its own sequence.
 
 Backward (hand-written, recomputes the pre-activation instead of saving it):
     dpre[r] = dy[r] * act'(pre[r]),   dx[s] = sum_j w[j] * dpre[s + (K-1) - j]  (same sequence only),

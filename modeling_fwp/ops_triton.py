@@ -41,8 +41,8 @@ __all__ = ["delta_rule_triton", "sum_rule_triton"]
 
 # Block-size overrides, for tests (to reach the multi-block code paths at tiny shapes) and for the
 # benchmark's sweeps.  Keys: "BK_state", "BV_state" (sequential kernels), "BK", "BV" (parallel kernels),
-# "fused_output" (bool), "warps_state", "stages_state", "warps", "recurrent_max_len"; "segmented" (bool) and
-# "segment_chunks" for ops_triton_segments.
+# "fused_output" (bool), "warps_state", "stages_state", "warps", "recurrent_max_len"; "segmented" (bool),
+# "segment_chunks", "BV_scan" and "warps_scan" for ops_triton_segments.
 TUNE: dict = {}
 
 MAX_K = 512

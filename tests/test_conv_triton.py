@@ -49,8 +49,8 @@ CASES = {
     "fp64_unpacked": dict(B=2, T=5, C=40, K=4, tail=True, dtype="float64"),
     "fp64_packed": dict(B=1, T=20, C=40, K=4, tail=True, cu=[0, 5, 5, 6, 8, 20], dtype="float64"),
     "bf16_packed": dict(B=1, T=20, C=40, K=4, tail=True, cu=[0, 5, 5, 6, 8, 20], dtype="bfloat16"),
-    # x a view, as the model passes q, k and v: a channel slice of a wider tensor (read in place), and a time
-    # slice whose batch rows are not evenly spaced (copied first)
+    # x a view: a channel slice of a wider tensor, as of one joint q / k / v projection (read in place), and a
+    # time slice whose batch rows are not evenly spaced (copied first)
     "channel_slice_unpacked": dict(B=2, T=70, C=40, K=4, tail=True, slice=(24, 8), tune=_SMALL),
     "channel_slice_T1": dict(B=3, T=1, C=40, K=4, tail=True, slice=(3, 0)),
     "channel_slice_packed": dict(B=1, T=20, C=40, K=4, tail=True, cu=[0, 5, 5, 6, 8, 20], slice=(0, 17)),
