@@ -68,6 +68,25 @@ def check_targets(targets, vocab_size: int, name: str = "labels"):
                          f"{vocab_size}) nor {IGNORE_INDEX} (ignored).")
 
 
+def check_num_items(num_items_in_batch, counted) -> None:
+    """`num_items_in_batch` counts the targets of the whole accumulated (and gathered) batch, so it is never below 0
+    and is 0 only when no micro-batch has a target. Anything else would scale the loss wrongly without a word: 0 with
+    targets here gave the undivided sum. (One host sync, like the label check; skipped inside a compiled graph.)"""
+    if torch.compiler.is_compiling():
+        return
+    if isinstance(num_items_in_batch, bool) or not (torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() == 1
+                                                    or isinstance(num_items_in_batch, (int, float))):
+        raise ValueError(f"num_items_in_batch must be a number (or a one-element tensor) counting the targets of the "
+                         f"accumulated batch; got {num_items_in_batch!r}.")
+    value = num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+    if value < 0:
+        raise ValueError(f"num_items_in_batch={value:g} is not valid: it counts targets, so it must be >= 0.")
+    if value == 0 and int(counted) > 0:
+        raise ValueError(f"num_items_in_batch=0 but the labels hold {int(counted)} targets: it must count the "
+                         f"non-ignored targets of the whole accumulated batch (at least these {int(counted)}); 0 is "
+                         f"only valid when every label is {IGNORE_INDEX}.")
+
+
 def loss_backend(logits, backend: str = "auto") -> str:
     """"triton" or "torch": which implementation `causal_lm_loss` runs for these logits. "auto" takes the Triton
     kernels for fp16 / bf16 / fp32 CUDA logits when triton is installed; "triton" forces them (for tests: CPU
@@ -90,8 +109,10 @@ def causal_lm_loss(logits, labels=None, num_items_in_batch=None, shift_labels=No
     passes, since a shard's last target lives on the next shard); they take the place of `labels`. With
     `num_items_in_batch` (a number or tensor) the summed loss is divided by it, so gradient accumulation over
     several micro-batches is exact; otherwise it is the mean over the non-ignored targets. A batch with no target
-    at all (every label -100, or `num_items_in_batch` 0) gives loss 0 with zero gradients, not NaN. `backend`: see
-    `loss_backend` (`chunk_rows` applies to the "torch" path only)."""
+    at all (every label -100) gives loss 0 with zero gradients, not NaN, with `num_items_in_batch` 0 as well (the
+    Trainer's count over an accumulated batch without targets). `num_items_in_batch` 0 while this batch has targets,
+    or below 0, is refused (`check_num_items`). `backend`: see `loss_backend` (`chunk_rows` applies to the "torch"
+    path only)."""
     given = labels if shift_labels is None else shift_labels
     name = "labels" if shift_labels is None else "shift_labels"
     if given.shape != logits.shape[:2]:
@@ -109,8 +130,11 @@ def causal_lm_loss(logits, labels=None, num_items_in_batch=None, shift_labels=No
         total = cross_entropy_sum_triton(rows, targets, IGNORE_INDEX)
     else:
         total = _ChunkedCrossEntropy.apply(rows, targets, chunk_rows)
+    counted = (targets != IGNORE_INDEX).sum()
     if num_items_in_batch is None:
-        num_items_in_batch = (targets != IGNORE_INDEX).sum()
+        num_items_in_batch = counted
+    else:
+        check_num_items(num_items_in_batch, counted)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     # total is exactly 0 (and its gradient too) when nothing is counted, so dividing by max(n, 1) changes only 0/0

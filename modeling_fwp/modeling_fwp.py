@@ -26,6 +26,7 @@ from .feature_maps import build_feature_map, normalize_qk
 from .losses import causal_lm_loss
 from .decode_triton import rule_step_
 from .ops import delta_rule, sum_rule
+from .safeguards import check_attention_mask, check_keywords, file_stamps, give_umask_modes, warn_non_finite_weights
 
 try:
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -538,11 +539,22 @@ class FWPPreTrainedModel(PreTrainedModel):
         # the same code file that travels with the weights.
         if getattr(self, "_auto_class", None) is not None:
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": "modeling_fwp.FWPModel"}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        before = file_stamps(save_directory)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        give_umask_modes(save_directory, only_changed_since=before)  # safetensors writes 0600 whatever the umask
+        return result
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)  # (model, loading_info) with output_loading_info=True
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        warn_non_finite_weights(loaded[0] if isinstance(loaded, tuple) else loaded, source)
+        return loaded
 
 
 class FWPModel(FWPPreTrainedModel):
     def __init__(self, config: FWPConfig):
+        config.validate_fields()  # again: a field set after the config was made (config.num_heads = 0) is checked here
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.dropout = nn.Dropout(config.dropout)
@@ -580,6 +592,8 @@ class FWPModel(FWPPreTrainedModel):
             `logits_to_keep`). With the segmented inference forward this keeps a long prompt's memory independent of
             its length: only one segment's activations exist at a time.
         """
+        check_keywords(self.forward, kwargs)
+        check_attention_mask(attention_mask)
         past_key_values = resolve_cache_argument(cache, past_key_values)
         attention_mask = check_inputs(self.config, input_ids, inputs_embeds, attention_mask, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -911,6 +925,7 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
         # Read from kwargs, as in transformers' models: a `*label*` parameter in the signature would make the Trainer
         # treat it as a required label column.
         shift_labels = kwargs.pop("shift_labels", None)
+        check_keywords(self.forward, kwargs)
         with_loss = labels is not None or shift_labels is not None
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -56,9 +56,9 @@ def test_all_ignored_labels_give_zero_loss_and_keep_the_weights_finite():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     optimizer.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    zero_items = model(x, labels=x, num_items_in_batch=0).loss  # the Trainer's count over an all-ignored batch
-    assert torch.isfinite(zero_items)
+    # the Trainer's count over an all-ignored accumulated batch (0 with targets: test_num_items_in_batch_of_zero_...)
     assert model(x, labels=torch.full_like(x, -100), num_items_in_batch=torch.tensor(0)).loss.item() == 0.0
+    assert model(x, labels=torch.full_like(x, -100), num_items_in_batch=0).loss.item() == 0.0
 
 
 @pytest.mark.parametrize("labels, named", [
@@ -244,3 +244,106 @@ def test_the_mask_check_keeps_generate_working_on_padded_batches():
         out = model.generate(x, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
                              prefill_chunk_size=3)
     assert out.shape == (2, 10)
+
+
+# ------------------------------------------------------------------------------------------------- issue 26: silent wrong results
+@pytest.mark.parametrize("pad_value", [-math.inf, torch.finfo(torch.float32).min, -1e4])
+def test_an_additive_float_mask_is_refused(pad_value):
+    """Some code builds masks for softmax attention: 0 where a token may be attended, -inf (or a large negative
+    number) at the pads. Read as a 0/1 mask its pads would become tokens and its tokens pads."""
+    model = tiny()
+    cache = filled_cache(model)
+    before = snapshot(cache)
+    additive = torch.zeros(2, 3)
+    additive[1, 0] = pad_value
+    with pytest.raises(ValueError, match=r"attention_mask .*0/1.*additive") as error:
+        model(ids(2, 3), attention_mask=additive, cache=cache)
+    assert "(attention_mask == 0)" in str(error.value)  # how to convert it
+    assert_unchanged(cache, before)
+
+
+def test_an_all_zero_float_mask_is_refused():
+    """An additive mask without padding is all zeros: as a 0/1 mask it would say that every token is a pad."""
+    model = tiny()
+    with pytest.raises(ValueError, match=r"attention_mask .*all 0"):
+        model(ids(2, 3), attention_mask=torch.zeros(2, 3))
+
+
+def test_float_and_integer_0_1_masks_still_work():
+    model = tiny()
+    mask = torch.ones(2, 4, dtype=torch.long)
+    mask[0, 0] = 0
+    expected = model(ids(2, 4), attention_mask=mask).logits
+    for same in (mask.float(), mask.double(), mask.bool()):
+        torch.testing.assert_close(model(ids(2, 4), attention_mask=same).logits, expected, rtol=0, atol=0)
+
+
+def test_num_items_in_batch_of_zero_with_targets_is_refused():
+    """The Trainer's num_items_in_batch counts the targets of the whole accumulated batch: 0 while this batch has
+    targets is a caller's mistake, which used to return the undivided sum (what the docstring promised was 0)."""
+    model = tiny().train()
+    x = ids(2, 8)
+    for zero in (0, torch.tensor(0)):
+        with pytest.raises(ValueError, match=r"num_items_in_batch=0 .*14 targets"):
+            model(x, labels=x, num_items_in_batch=zero)
+    with pytest.raises(ValueError, match=r"num_items_in_batch=-3 .*>= 0"):
+        model(x, labels=x, num_items_in_batch=-3)
+    assert model(x, labels=x, num_items_in_batch=14).loss.item() == pytest.approx(model(x, labels=x).loss.item())
+
+
+@pytest.mark.parametrize("typo, meant", [("atention_mask", "attention_mask"), ("position_id", "position_ids"),
+                                         ("label", "labels"), ("past_key_value", "past_key_values")])
+def test_a_misspelled_keyword_is_refused(typo, meant):
+    """**kwargs would swallow it and the model would run without it (unmasked, unlabelled, without the cache)."""
+    model = tiny()
+    cache = filled_cache(model)
+    before = snapshot(cache)
+    with pytest.raises(TypeError, match=rf"unexpected keyword argument '{typo}'.*did you mean '{meant}'"):
+        model(ids(2, 3), cache=cache, **{typo: torch.ones(2, 3, dtype=torch.long)})
+    assert_unchanged(cache, before)
+    with pytest.raises(TypeError, match=r"FWPModel.forward\(\) got an unexpected keyword argument 'atention_mask'"):
+        model.model(ids(2, 3), atention_mask=torch.ones(2, 3, dtype=torch.long))
+
+
+def test_keywords_that_transformers_passes_are_accepted():
+    """generate(), the Trainer and DataCollatorWithFlattening pass these whatever the model: they must keep working."""
+    model = tiny()
+    x = ids(1, 6)
+    expected = model(x).logits
+    passed = dict(return_dict=True, output_attentions=False, output_hidden_states=False, use_cache=True,
+                  cache_position=torch.arange(6), position_ids=torch.arange(6)[None], logits_to_keep=0,
+                  num_items_in_batch=None, cu_seq_lens_k=None, max_length_q=6, max_length_k=6, is_causal=True,
+                  seq_idx=None, output_router_logits=False)
+    torch.testing.assert_close(model(x, **passed).logits, expected, rtol=0, atol=0)
+    torch.testing.assert_close(model.model(x, return_dict=True, output_attentions=False, cache_position=torch.arange(6),
+                                           max_length_q=6).last_hidden_state,
+                               model.model(x).last_hidden_state, rtol=0, atol=0)
+
+
+def _corrupt_tensor(weights_file, name):
+    """Overwrites the first values of tensor `name` in a safetensors file with 0xFF bytes (a NaN in float32/64)."""
+    import json
+    import struct
+
+    with open(weights_file, "r+b") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_size))
+        start, end = header[name]["data_offsets"]
+        handle.seek(8 + header_size + start)
+        handle.write(b"\xff" * min(16, end - start))
+
+
+def test_a_weights_file_with_non_finite_values_warns_at_load_naming_the_tensor(tmp_path):
+    model = tiny()
+    model.save_pretrained(tmp_path)
+    _corrupt_tensor(tmp_path / "model.safetensors", "model.layers.1.mlp.up_proj.weight")
+    with pytest.warns(UserWarning, match=r"non-finite .*model\.layers\.1\.mlp\.up_proj\.weight"):
+        loaded = FWPForCausalLM.from_pretrained(tmp_path)
+    assert not torch.isfinite(loaded.model.layers[1].mlp.up_proj.weight).all()
+    assert isinstance(loaded, FWPForCausalLM)  # a warning, not a refusal: the file may be inspected
+
+
+def test_a_clean_weights_file_loads_without_the_warning(tmp_path, recwarn):
+    tiny().save_pretrained(tmp_path)
+    FWPForCausalLM.from_pretrained(tmp_path)
+    assert not [w for w in recwarn if "non-finite" in str(w.message)]
