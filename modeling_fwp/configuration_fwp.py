@@ -154,6 +154,7 @@ class FWPConfig(PretrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.tie_word_embeddings = tie_word_embeddings  # set again by PretrainedConfig; here so it is validated
         self._fill_defaults()
         self.validate_fields()
         self._check_special_tokens(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
@@ -179,14 +180,15 @@ class FWPConfig(PretrainedConfig):
                                      f"[0, vocab_size={self.vocab_size}).")
 
     def _fill_defaults(self):
-        if self.head_dim is None and isinstance(self.hidden_size, int) and isinstance(self.num_heads, int):
+        # Only from integers (not bools: True would be read as 1); a bad value is named by validate_fields.
+        if self.head_dim is None and _is_int(self.hidden_size) and _is_int(self.num_heads):
             if self.num_heads > 0 and self.hidden_size % self.num_heads != 0:
                 raise ValueError(
                     f"FWPConfig: hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}) "
                     "when head_dim is not given; set head_dim explicitly or change num_heads."
                 )
             self.head_dim = self.hidden_size // max(self.num_heads, 1)
-        if self.intermediate_size is None and isinstance(self.hidden_size, int):
+        if self.intermediate_size is None and _is_int(self.hidden_size):
             if self.block_style == "pre_norm":
                 self.intermediate_size = 256 * -(-int(8 * self.hidden_size / 3) // 256)
             else:
@@ -195,7 +197,8 @@ class FWPConfig(PretrainedConfig):
             self.use_output_norm = self.block_style == "pre_norm"
 
     def validate_fields(self):
-        """Refuses every bad value with a ValueError that names the field and what is allowed."""
+        """Refuses every bad value or type with a ValueError that names the field and what is allowed. Run when the
+        config is made, when a model is built from it (a field may have been set since) and when it is saved."""
         choices = {
             "update_rule": UPDATE_RULES,
             "feature_map": FEATURE_MAPS,
@@ -207,13 +210,13 @@ class FWPConfig(PretrainedConfig):
         }
         for field, allowed in choices.items():
             value = getattr(self, field)
-            if value not in allowed:
+            if type(value) is not type(allowed[0]) or value not in allowed:  # 64.0 and True are no chunk sizes
                 raise ValueError(f"FWPConfig.{field}={value!r} is not valid; allowed values: {', '.join(map(repr, allowed))}.")
         positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_dim", "intermediate_size",
                     "dpfp_nu", "favor_features")
         for field in positive:
             value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"FWPConfig.{field}={value!r} is not valid; it must be an integer >= 1.")
         if self.dpfp_nu >= 2 * self.head_dim:
             raise ValueError(
@@ -230,16 +233,26 @@ class FWPConfig(PretrainedConfig):
                              "be an integer >= 0 (0 turns segmenting off).")
         if not isinstance(self.conv_size, int) or isinstance(self.conv_size, bool) or self.conv_size < 2:
             raise ValueError(f"FWPConfig.conv_size={self.conv_size!r} is not valid; it must be an integer >= 2.")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+        if not (isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
+                and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"FWPConfig.dropout={self.dropout!r} is not valid; it must be a float in [0, 1).")
         for field in ("qk_norm_eps", "layer_norm_eps", "initializer_range", "rope_theta"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"FWPConfig.{field}={value!r} is not valid; it must be a finite number > 0.")
+        # A string would be read as true ("no", "false"): use_cache would stay on, tie_word_embeddings tied.
         for field in ("favor_redraw", "attention_normalization", "use_beta", "allow_neg_eigval", "use_gate",
-                      "use_output_norm", "use_short_conv"):
+                      "use_output_norm", "use_short_conv", "use_cache", "tie_word_embeddings"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"FWPConfig.{field}={getattr(self, field)!r} is not valid; it must be True or False.")
+
+    def validate(self):
+        """What `save_pretrained` runs before writing (transformers' strict configs define it): a field set to a bad
+        value after the config was made is refused there too, not written to config.json."""
+        parent = getattr(super(), "validate", None)
+        if parent is not None:
+            parent()
+        self.validate_fields()
 
     @property
     def key_dim(self) -> int:
@@ -254,6 +267,10 @@ class FWPConfig(PretrainedConfig):
     def state_size_per_layer(self) -> int:
         """Numbers held per layer and sequence: num_heads fast-weight matrices of key_dim x head_dim."""
         return self.num_heads * self.key_dim * self.head_dim
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def config_field_names() -> list[str]:

@@ -73,3 +73,47 @@ def test_preset_overrides_are_validated():
         load_preset("tiny", feature_map="nope")
     with pytest.raises(ValueError, match="Unknown preset"):
         load_preset("no-such-preset")
+
+
+# ------------------------------------------------------------------------------------------------- issue 26: types
+@pytest.mark.parametrize("field, value, allowed", [
+    ("use_cache", "no", "True or False"),  # a non-empty string is true: the cache would stay on
+    ("tie_word_embeddings", "false", "True or False"),  # would stay tied
+    ("use_cache", 0, "True or False"),
+    ("hidden_size", True, "integer >= 1"),  # read as 1, then a misleading divisibility error
+    ("num_heads", True, "integer >= 1"),
+    ("chunk_size", 64.0, "16, 32, 64, 128"),
+    ("chunk_size", True, "16, 32, 64, 128"),
+    ("inference_segment_size", 1.5, "integer >= 0"),
+    ("dropout", True, "float in"),
+    ("rope_theta", "10000", "finite number"),
+])
+def test_values_of_the_wrong_type_are_refused_naming_the_field(field, value, allowed):
+    with pytest.raises(ValueError, match=rf"FWPConfig\.{field}={value!r} is not valid.*{allowed}"):
+        FWPConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field, value", [("num_heads", 0), ("use_cache", "no"), ("hidden_size", True),
+                                          ("tie_word_embeddings", "false"), ("feature_map", "softmax"),
+                                          ("chunk_size", 48), ("dropout", -0.1)])
+def test_a_field_changed_after_construction_is_checked_when_the_model_is_built(field, value):
+    from modeling_fwp import FWPForCausalLM, FWPModel
+
+    config = FWPConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_heads=2)
+    setattr(config, field, value)
+    for model_class in (FWPForCausalLM, FWPModel):
+        with pytest.raises(ValueError, match=rf"FWPConfig\.{field}="):
+            model_class(config)
+
+
+def test_saving_a_config_with_a_field_made_invalid_is_refused(tmp_path):
+    config = FWPConfig()
+    config.num_heads = 0
+    with pytest.raises(ValueError, match=r"FWPConfig\.num_heads=0"):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_the_boolean_fields_accept_booleans():
+    config = FWPConfig(use_cache=False, tie_word_embeddings=True)
+    assert config.use_cache is False and config.tie_word_embeddings is True
