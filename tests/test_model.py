@@ -202,6 +202,41 @@ def test_carried_segments_equal_one_long_forward(name):
     torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), whole, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("positions", ["rotary", "sinusoidal"])
+@pytest.mark.parametrize("how", ["cu_seq_lens_q", "position_ids"])
+def test_packed_batch_continues_each_document_from_its_cache_row(positions, how):
+    """A packed batch (one row, documents marked by cu_seqlens or by position_ids that restart) continuing from a
+    cache of as many rows: document i continues row i, its positions counting on from row i's tokens (5, 2 and 8
+    here, so a position taken from another row or restarted at 0 would show). Each document must get exactly what
+    it gets run alone from its row's state, and leave that row's state as it would."""
+    model = tiny_model(position_embedding=positions, use_short_conv=True)
+    prompts = [ids(1, n, seed=20 + n)[0] for n in (5, 2, 8)]
+    width = max(len(p) for p in prompts)
+    batch = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for i, prompt in enumerate(prompts):  # left padding, as generate() pads a batch of prompts
+        batch[i, width - len(prompt):], mask[i, width - len(prompt):] = prompt, 1
+    with torch.no_grad():
+        cache = output_cache(model(batch, attention_mask=mask, use_cache=True))
+        assert cache.row_tokens(0).tolist() == [5, 2, 8]
+        docs = [ids(1, n, seed=40 + n)[0] for n in (4, 3, 6)]
+        packed = torch.cat(docs)[None]
+        if how == "cu_seq_lens_q":
+            out = model(packed, cu_seq_lens_q=torch.tensor([0, 4, 7, 13], dtype=torch.int32), cache=cache)
+        else:
+            out = model(packed, position_ids=torch.cat([torch.arange(len(d)) for d in docs])[None], cache=cache)
+        start = 0
+        for i, (prompt, doc) in enumerate(zip(prompts, docs)):
+            alone_cache = output_cache(model(prompt[None], use_cache=True))
+            alone = model(doc[None], cache=alone_cache).logits[0]
+            torch.testing.assert_close(out.logits[0, start:start + len(doc)], alone, rtol=1e-10, atol=1e-12)
+            for layer, alone_layer in zip(cache.layers, alone_cache.layers):
+                torch.testing.assert_close(layer.fast_weights[i], alone_layer.fast_weights[0], rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(layer.conv_tail[i], alone_layer.conv_tail[0], rtol=1e-10, atol=1e-12)
+                assert int(layer.row_tokens[i]) == len(prompt) + len(doc)
+            start += len(doc)
+
+
 def test_carried_state_is_detached_in_training():
     model = tiny_model()
     model.train()
