@@ -171,7 +171,6 @@ def convert_fla(src_folder, out_folder, ignore_keys=()) -> Path:
     model.tie_weights()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(out, "converting")
-    tmp.chmod(0o755)  # mkdtemp's folder is private; a model folder is shared like any save_pretrained one
     try:
         model.save_pretrained(tmp)
         for pattern in TOKENIZER_PATTERNS:

@@ -96,12 +96,13 @@ def load_or_train_tokenizer(train_texts: list[str], vocab_size: int = 8192, cach
     # Write to a temporary folder, then rename, so concurrent processes never read a half-written tokenizer.
     import shutil
 
-    from .files import install_folder, temporary_sibling
+    from .files import give_umask_modes, install_folder, temporary_sibling
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_sibling(folder, "writing")
     try:
         tokenizer.save_pretrained(temporary)
+        give_umask_modes(temporary)  # as install_folder does: os.replace below keeps mkdtemp's private mode
         if corrupt:
             install_folder(temporary, folder)  # replaces the unreadable copy
         else:

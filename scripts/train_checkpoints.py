@@ -17,7 +17,7 @@ import torch
 from transformers import Trainer
 
 from modeling_fwp import FWPConfig, presets
-from modeling_fwp.files import move_files_into
+from modeling_fwp.files import give_umask_modes, move_files_into
 
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "tokenizer.json", "tokenizer_config.json", "trainer_state.json")
@@ -186,6 +186,7 @@ def save_final_model(trainer: Trainer, output_dir: str, use_cache: bool) -> None
                 stale = [p.name for p in target.iterdir() if WEIGHT_FILES.match(p.name)]
                 move_files_into(staging, target, commit="config.json", stale=stale)
             else:
+                give_umask_modes(staging)  # as move_files_into does (safetensors writes 0600)
                 os.rename(staging, target)
     except BaseException:
         if writer:
