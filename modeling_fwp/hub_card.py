@@ -325,8 +325,8 @@ def data_description(data: dict) -> str:
     if data.get("dataset_id") and data.get("dataset_id") != name:
         parts[-1] += f" (`{data['dataset_id']}`" + (f", config `{data['dataset_config']}`)" if data.get("dataset_config") else ")")
     parts[-1] += "."
-    for key, label in (("description", None), ("splits", "Splits"), ("block_size", "Block size"),
-                       ("tokenizer", "Tokenizer"), ("train_tokens", "Training tokens")):
+    for key, label in (("description", None), ("license", "License"), ("splits", "Splits"),
+                       ("block_size", "Block size"), ("tokenizer", "Tokenizer"), ("train_tokens", "Training tokens")):
         value = data.get(key)
         if value in (None, "", [], {}):
             continue

@@ -73,6 +73,7 @@ from train_fsdp import fsdp2_sharded, keep_fsdp_state_fp32, restore_model_code  
 RECIPE_DIR = presets.configuration_dir() / "recipes"
 DEFAULT_RECIPE = "tiny_cpu"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+DATA_INFO_FILE = "data_info.json"  # the training data, for the model card (modeling_fwp/hub_card.py reads it)
 @dataclass
 class ModelArguments:
     preset: str = field(default="tiny", metadata={
@@ -477,6 +478,32 @@ def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: in
     return tokenizer.decode(out[0, len(start):], skip_special_tokens=True)
 
 
+def perplexity_report(summary: dict, unigram: float, block_size: int, carry_state: bool) -> str:
+    """The closing lines: validation perplexity against the unigram baseline, with and without the fast-weight state
+    carried from one segment into the next, and why carrying it may not help a model not trained with it."""
+    report = (f"Validation perplexity: {summary['validation_perplexity']:.2f} "
+              f"(unigram baseline {unigram:.2f}; on contiguous segments of {block_size}: "
+              f"{summary['validation_perplexity_no_carry_over']:.2f} without, "
+              f"{summary['validation_perplexity_carry_over']:.2f} with fast-weight state carried over)")
+    if carry_state:
+        return report + "\nThe model was trained with the state carried over (--carry_state), as it is evaluated."
+    return report + (
+        "\nThis model was trained without carrying the state (each segment starts from an empty one), so a carried "
+        "state is input it never learned to use: it can score worse with it than without. --carry_state true trains "
+        "with it (the paper's Table 4).")
+
+
+def describe_tokenizer(model_args, tokenizer) -> str:
+    """The tokenizer in words, for data_info.json (the model card)."""
+    size = f"vocabulary {len(tokenizer)}"
+    if model_args.tokenizer_name_or_path:
+        return f"{model_args.tokenizer_name_or_path} ({size})"
+    if model_args.model_name_or_path:
+        return f"the tokenizer of {model_args.model_name_or_path} ({size})"
+    kind = "byte-level BPE" if model_args.tokenizer_type == "bpe" else "word-level"
+    return f"{kind}, trained on the training split ({size})"
+
+
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, run_args, training_args = parse_arguments(argv)
     main_process = training_args.process_index == 0
@@ -514,7 +541,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_dataset, eval_dataset, collator, eval_streams = build_datasets(tokenized, data_args, training_args)
     # The baseline scores exactly the validation tokens that the stream evaluations score.
     scored = np.asarray(eval_streams["shift_labels"]).ravel()
-    unigram = fwp_data.unigram_perplexity(fwp_data.token_stream(tokenized["train"]), scored, config.vocab_size)
+    train_stream = fwp_data.token_stream(tokenized["train"])
+    unigram = fwp_data.unigram_perplexity(train_stream, scored, config.vocab_size)
     log(f"Unigram baseline perplexity of the validation split ({scored.size} tokens): {unigram:.2f}")
 
     if model_args.model_name_or_path:
@@ -566,10 +594,12 @@ def main(argv: list[str] | None = None) -> dict:
                                         run_args.sample_prompt, run_args.sample_max_new_tokens, training_args.seed)
     if main_process:
         Path(training_args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=1))
-        log(f"\nValidation perplexity: {summary['validation_perplexity']:.2f} "
-            f"(unigram baseline {unigram:.2f}; on contiguous segments of {data_args.block_size}: "
-            f"{summary['validation_perplexity_no_carry_over']:.2f} without, "
-            f"{summary['validation_perplexity_carry_over']:.2f} with fast-weight state carried over)")
+        data_info = {**fwp_data.describe_source(data_args.dataset_name, data_args.dataset_config, data_args.train_file,
+                                                data_args.validation_file, data_args.test_file),
+                     "block_size": data_args.block_size, "train_tokens": int(train_stream.size),
+                     "tokenizer": describe_tokenizer(model_args, tokenizer)}
+        Path(training_args.output_dir, DATA_INFO_FILE).write_text(json.dumps(data_info, indent=1))
+        log("\n" + perplexity_report(summary, unigram, data_args.block_size, data_args.carry_state))
         log(f"Saved model, tokenizer and generation config to {training_args.output_dir}")
         log(f"Sample:\n{summary['sample']}")
     return summary

@@ -236,3 +236,60 @@ def test_default_arguments_are_the_readme_main_job():
     assert overridden.max_steps == 3 and overridden.output_dir == "elsewhere"  # flags beat the recipe
     with pytest.raises(ValueError, match="exclude each other"):
         train.parse_arguments(["--packing", "true", "--carry_state", "true"])
+
+
+# ------------------------------------------------------------------------------------------------ issue 26: first use
+
+def test_the_run_records_its_training_data_for_the_model_card(trained, mini_corpus):
+    """The card said "The training data was not recorded with this run": train.py writes data_info.json."""
+    from modeling_fwp.hub_card import render_model_card
+
+    output_dir, _ = trained
+    info = json.loads((output_dir / "data_info.json").read_text())
+    assert "train.jsonl" in info["dataset_name"] and info["block_size"] == 32
+    assert info["train_tokens"] > 0 and "tokenizer" in info
+    card = render_model_card(FWPConfig.from_pretrained(output_dir), run_dir=output_dir).text
+    assert "train.jsonl" in card and "was not recorded" not in card
+
+
+def test_the_embedded_corpus_is_named_with_its_license():
+    """What the main job (no --dataset_name, no --train_file) records: the embedded corpus, its source and license."""
+    from modeling_fwp.hub_card import data_description
+
+    info = fwp_data.describe_source()
+    assert "Shakespeare" in info["dataset_name"] and "public domain" in info["license"]
+    assert "Project Gutenberg" in info["description"] and "hamlet" in info["description"]
+    text = data_description(info)
+    assert "Shakespeare" in text and "License: public domain" in text
+    hub = fwp_data.describe_source(dataset_name="wikitext", dataset_config="wikitext-103-raw-v1")
+    assert hub["dataset_id"] == "wikitext" and hub["dataset_config"] == "wikitext-103-raw-v1"
+
+
+def test_the_carry_over_report_says_why_carrying_may_not_help():
+    """The main job printed "253.18 with fast-weight state carried over" against 213.62 without, with no word why."""
+    summary = {"validation_perplexity": 213.62, "validation_perplexity_no_carry_over": 213.62,
+               "validation_perplexity_carry_over": 253.18}
+    report = train.perplexity_report(summary, unigram=624.0, block_size=128, carry_state=False)
+    assert "253.18 with" in report and "213.62 without" in report and "624.00" in report
+    assert "trained without" in report and "--carry_state true" in report and "Table 4" in report
+    trained_with = train.perplexity_report(summary, unigram=624.0, block_size=128, carry_state=True)
+    assert "--carry_state true" not in trained_with and "trained with" in trained_with
+
+
+def test_the_cpu_recipe_does_not_ask_for_pinned_memory():
+    """torch warned four times that pin_memory was set with no accelerator."""
+    _, _, _, training_args = train.parse_arguments([])
+    assert training_args.dataloader_pin_memory is False
+
+
+def test_the_saved_model_files_get_the_umask_modes(trained):
+    """safetensors (0.8) writes model.safetensors as 0600 whatever the umask (tests/test_file_modes.py)."""
+    import stat
+
+    from modeling_fwp.safeguards import current_umask
+
+    output_dir, _ = trained
+    mask = current_umask()
+    for path in [output_dir, *output_dir.rglob("*")]:
+        wanted = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert stat.S_IMODE(path.stat().st_mode) == wanted, (path, oct(path.stat().st_mode))
