@@ -15,7 +15,11 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "hub_cards" / "fwp_model_card.md"
+# Inside the package when installed from a wheel (pyproject.toml ships hub_cards/ as modeling_fwp/hub_cards), beside
+# the package in a repository checkout.
+_PACKAGE = Path(__file__).resolve().parent
+DEFAULT_TEMPLATE = next((folder / "fwp_model_card.md" for folder in (_PACKAGE / "hub_cards", _PACKAGE.parent / "hub_cards")
+                         if (folder / "fwp_model_card.md").is_file()), _PACKAGE.parent / "hub_cards" / "fwp_model_card.md")
 DEFAULT_LICENSE = "apache-2.0"
 # Files Trainer writes with save_metrics / save_state; later ones win for keys they share.
 RESULT_FILES = ("all_results.json", "train_results.json", "eval_results.json", "test_results.json")
@@ -365,7 +369,8 @@ def render_model_card(
     if not template_path.is_file():
         raise ValueError(
             f"template_path: model card template {template_path} not found; pass template_path= "
-            "(the default lives in hub_cards/ of a modeling_fwp checkout)"
+            "(the default is hub_cards/fwp_model_card.md of a modeling_fwp checkout, modeling_fwp/hub_cards/ when "
+            "installed from a wheel)"
         )
     run = read_run_info(run_dir) if run_dir is not None else read_run_info(None)
     run_results = {**run["results"], **(results or {})}

@@ -25,7 +25,8 @@ import warnings
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # this checkout's modeling_fwp, installed or not (as scripts/train.py does)
+if (REPO_ROOT / "modeling_fwp" / "__init__.py").is_file():  # not when installed as modeling_fwp/scripts/ (fwp-publish)
+    sys.path.insert(0, str(REPO_ROOT))  # this checkout's modeling_fwp, installed or not (as scripts/train.py does)
 
 CODE_FILES = ("configuration_fwp.py", "modeling_fwp.py")
 TOKENIZER_FILES = ("tokenizer_config.json",)

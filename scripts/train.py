@@ -42,8 +42,10 @@ from torch.utils.data import SequentialSampler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # From a clone without installing, and its helper modules (beside this file) also when run through runpy or a
-# wrapper script, which put another folder first on sys.path.
-sys.path[:0] = [str(REPO_ROOT), str(Path(__file__).resolve().parent)]
+# wrapper script, which put another folder first on sys.path. Installed from a wheel this file lives in the package
+# (modeling_fwp/scripts/, run by fwp-train): then REPO_ROOT is the package folder, which must not go on sys.path.
+sys.path[:0] = [str(REPO_ROOT)] * (REPO_ROOT / "modeling_fwp" / "__init__.py").is_file() + [
+    str(Path(__file__).resolve().parent)]
 
 import modeling_fwp  # noqa: E402,F401  registers model_type "fwp" with the Auto classes
 from modeling_fwp import FWPConfig  # noqa: E402
