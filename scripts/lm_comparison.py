@@ -340,9 +340,12 @@ def run_all(args) -> None:
     scale = SCALES[args.scale]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data_dir = out / "data"
+    scratch = Path(args.scratch) if args.scratch else out  # tokenized data and per-run logs
+    data_dir, logs = scratch / "data", scratch / "logs"
+    scratch.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(exist_ok=True)
     prepare_data(scale, data_dir)
-    deadline = time.monotonic() + 60 * args.deadline_minutes if args.deadline_minutes else math.inf
+    hard_end = time.monotonic() + 60 * args.deadline_minutes if args.deadline_minutes else math.inf
     base = dict(scale=args.scale, out=str(out), data_dir=str(data_dir), device=args.device,
                 device_name=device_name(args.device), parallel=args.parallel)
     meta = out / "meta.json"
@@ -350,39 +353,41 @@ def run_all(args) -> None:
         meta.write_text(json.dumps(dict(scale=args.scale, settings=scale, common=COMMON, device=base["device_name"],
                                         commit=os.environ.get("FWP_COMMIT") or git_commit(), seeds=args.seeds,
                                         started=time.strftime("%Y-%m-%dT%H:%M:%S")), indent=1))
-    (out / "logs").mkdir(exist_ok=True)
-    running = {}  # run name -> (process, log file)
-    started = set()
+    running = {}  # run name -> (process, log file, start time)
+    started, durations = set(), []
     env = {**os.environ, "OMP_NUM_THREADS": str(scale["threads"]), "TOKENIZERS_PARALLELISM": "false"}
     while True:
-        if time.monotonic() < deadline:
-            # A run is started once per call: one that fails is recorded as failed (or, if it dies before it can
-            # write, left for the next call) instead of being restarted in a loop.
-            todo = [run for run in plan_runs(args, scale, read_results(out)) if run["run"] not in started]
-            while todo and len(running) < args.parallel:
-                run = todo.pop(0)
-                spec = json.dumps({**base, **run})
-                log = open(out / "logs" / f"{run['run']}.log", "w")
-                process = subprocess.Popen([sys.executable, __file__, "--out", str(out), "--worker", spec], stdout=log,
-                                           stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT))
-                running[run["run"]] = (process, log)
-                started.add(run["run"])
-                print(f"[{time.strftime('%H:%M:%S')}] started {run['run']}{' (lr grid)' if run['sweep'] else ''}",
-                      flush=True)
-        else:
-            todo = []
-        for name, (process, log) in list(running.items()):
+        # A run starts only if it can end before the deadline, judged by the longest run so far; and once per call:
+        # one that fails is recorded as failed (or, if it dies before it can write, left for the next call)
+        # instead of being restarted in a loop.
+        expected = 1.1 * max(durations) if durations else 0.0
+        todo = [run for run in plan_runs(args, scale, read_results(out)) if run["run"] not in started]
+        while todo and len(running) < args.parallel and time.monotonic() + expected < hard_end:
+            run = todo.pop(0)
+            spec = json.dumps({**base, **run})
+            log = open(logs / f"{run['run']}.log", "w")
+            process = subprocess.Popen([sys.executable, __file__, "--out", str(out), "--worker", spec], stdout=log,
+                                       stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT))
+            running[run["run"]] = (process, log, time.monotonic())
+            started.add(run["run"])
+            print(f"[{time.strftime('%H:%M:%S')}] started {run['run']}{' (lr grid)' if run['sweep'] else ''}",
+                  flush=True)
+        for name, (process, log, begun) in list(running.items()):
             if process.poll() is not None:
                 log.close()
                 del running[name]
-                print(f"[{time.strftime('%H:%M:%S')}] finished {name} (exit {process.returncode})", flush=True)
-        if time.monotonic() >= deadline + 60 * args.grace_minutes:
-            for name, (process, log) in running.items():
+                durations.append(time.monotonic() - begun)
+                print(f"[{time.strftime('%H:%M:%S')}] finished {name} (exit {process.returncode}, "
+                      f"{durations[-1]:.0f} s)", flush=True)
+                if process.returncode:
+                    print((logs / f"{name}.log").read_text()[-2000:], flush=True)
+        if time.monotonic() >= hard_end:
+            for name, (process, log, _) in running.items():
                 process.kill()
                 log.close()
                 print(f"deadline: stopped {name} (not recorded; a rerun does it)", flush=True)
             break
-        if not running and not todo:
+        if not running and not (todo and time.monotonic() + expected < hard_end):
             break
         time.sleep(1.0)
     left = plan_runs(args, scale, read_results(out))
@@ -408,8 +413,9 @@ def parse_args(argv=None):
     parser.add_argument("--lr", dest="fixed_lr", default="", help="Fixed learning rates instead of the grid, e.g. "
                         "'softmax=1e-3,sum=2e-3,delta=2e-3' (families: softmax, sum, delta).")
     parser.add_argument("--deadline-minutes", type=float, default=None,
-                        help="Start no run after this many minutes (a GPU call's limit); running ones get --grace.")
-    parser.add_argument("--grace-minutes", type=float, default=0.5)
+                        help="End by then (a GPU call's limit): a run starts only if the longest run so far would "
+                        "still end in time, and runs still going then are stopped (a rerun does them).")
+    parser.add_argument("--scratch", default=None, help="Folder for the tokenized data and run logs (default: --out).")
     parser.add_argument("--report-only", action="store_true", help="Only rebuild the report from the CSVs.")
     parser.add_argument("--results-md", default=None, help="Also replace this scale's section of RESULTS.md.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
