@@ -6,7 +6,9 @@
 #      oldest release, in a second virtual environment (.venv-oldest): it sees this environment's packages (a .pth
 #      file adds its site-packages, which works whether this one is a virtual environment or not) and holds only
 #      transformers (and what that release pins) itself.
-# torch stays at the CPU build named below: a plain `pip install torch` would pull a multi-GB CUDA build.
+# torch is pinned to 2.13.0, the release these tests were checked with (its CPU build). From PyPI that line alone
+# resolves to the CUDA build on Linux (several GB); without a GPU, install the CPU build first, which it keeps:
+#   pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
