@@ -67,8 +67,8 @@ STREAM_EVALUATED = {"linear", "delta-nopos", "linear-carry", "delta-carry"}
 SCALES = {
     "gpu": dict(layers=16, hidden=128, heads=8, ffn=2048, context=256, batch=32, steps=600, warmup=60, vocab=8192,
                 eval_every=60, curve_eval_tokens=None, learning_rates=(5e-4, 1e-3, 2e-3), threads=1),
-    "cpu": dict(layers=4, hidden=64, heads=4, ffn=256, context=128, batch=16, steps=200, warmup=20, vocab=2048,
-                eval_every=25, curve_eval_tokens=16384, learning_rates=(1e-3, 2e-3, 4e-3), threads=1),
+    "cpu": dict(layers=4, hidden=64, heads=4, ffn=256, context=128, batch=16, steps=160, warmup=16, vocab=2048,
+                eval_every=40, curve_eval_tokens=8192, learning_rates=(1e-3, 2e-3, 4e-3), threads=1),
     "quick": dict(layers=1, hidden=32, heads=2, ffn=64, context=32, batch=4, steps=6, warmup=1, vocab=320,
                   eval_every=3, curve_eval_tokens=512, learning_rates=(1e-3, 3e-3), threads=1,
                   corpus_slice=dict(train=(6, 5000), validation=(2, 2000), test=(2, 2000))),
