@@ -78,6 +78,12 @@ class SequenceLayout:
     overrides `config.kernel_backend` for the update rule (the captured decode step keeps to plain PyTorch ops).
     `state_in_place` (the captured decode step: one token per row, no packing) makes the update rule write the
     given fast-weight tensors in place (`decode_triton.rule_step_`) instead of returning new ones.
+
+    The masked layout (a padding mask, no packing; `masked_layout`) keeps [B, T, D] with no shape that depends on
+    the data: `order` [B, T] moves each row's real tokens to its first columns, in order, and its pads after them
+    (`place` is the inverse permutation, `input_mask` the mask it came from); `token_mask` marks the real tokens
+    in the moved layout. Each row is then one sequence followed by pads, and a layer makes the pads write nothing
+    (`mask_tokens`: zero keys and beta; the convolution's new tail is taken after the last real token).
     """
 
     batch_size: int
@@ -88,18 +94,34 @@ class SequenceLayout:
     unpad_index: torch.Tensor | None = None
     backend: str | None = None
     state_in_place: bool = False
+    order: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+    place: torch.Tensor | None = None
+    input_mask: torch.Tensor | None = None
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
+        if self.order is not None:  # masked: each row's real tokens first, in order, then its pads
+            return x.gather(1, self.order[..., None].expand_as(x))
         if self.unpad_index is None:
             return x
         return x.reshape(-1, *x.shape[2:]).index_select(0, self.unpad_index).unsqueeze(0)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        if self.order is not None:  # back to the input's columns, zero at the pads (as the unpadded path gives)
+            back = x.gather(1, self.place[..., None].expand_as(x))
+            return torch.where(self.input_mask[..., None], back, torch.zeros((), dtype=x.dtype, device=x.device))
         if self.unpad_index is None:
             return x
         out = x.new_zeros(self.batch_size * self.seq_len, *x.shape[2:])
         out = out.index_copy(0, self.unpad_index, x[0])
         return out.view(self.batch_size, self.seq_len, *x.shape[2:])
+
+    def mask_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, ...] with the pads of a masked layout set to 0 (unchanged in the other layouts)."""
+        if self.token_mask is None:
+            return x
+        mask = self.token_mask.view(*self.token_mask.shape, *([1] * (x.dim() - 2)))
+        return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def check_inputs(config, input_ids, inputs_embeds, attention_mask, cache):
@@ -161,7 +183,8 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | N
 
 
 def build_layout(batch_size, seq_len, device, attention_mask=None, cu_seqlens=None, position_ids=None,
-                 past_row_tokens=None) -> SequenceLayout:
+                 past_row_tokens=None, masked=False) -> SequenceLayout:
+    """`masked`: a padding mask gives `masked_layout` (fixed shapes) instead of unpadding into cu_seqlens."""
     if cu_seqlens is None and position_ids is not None and batch_size == 1 and attention_mask is None and seq_len > 1:
         cu_seqlens = cu_seqlens_from_position_ids(position_ids)
     if cu_seqlens is not None:
@@ -181,6 +204,8 @@ def build_layout(batch_size, seq_len, device, attention_mask=None, cu_seqlens=No
                               unpad_index=torch.arange(seq_len, device=device))
 
     past = torch.zeros(batch_size, dtype=torch.long, device=device) if past_row_tokens is None else past_row_tokens.to(device)
+    if attention_mask is not None and masked:
+        return masked_layout(attention_mask.to(device).bool(), past)
     if attention_mask is None or bool(attention_mask.all()):
         positions = past[:, None] + torch.arange(seq_len, device=device)[None]
         row_tokens = torch.full((batch_size,), seq_len, dtype=torch.long, device=device)
@@ -193,6 +218,28 @@ def build_layout(batch_size, seq_len, device, attention_mask=None, cu_seqlens=No
     unpad_index = torch.nonzero(mask.flatten()).flatten()
     positions = (past[:, None] + torch.cumsum(mask.long(), dim=1) - 1).flatten()[unpad_index].unsqueeze(0)
     return SequenceLayout(batch_size, seq_len, positions, row_tokens, cu_seqlens=cu, unpad_index=unpad_index)
+
+
+def use_masked_layout(attention_mask: torch.Tensor) -> bool:
+    """Whether a padded batch (not packed) runs in `masked_layout` rather than unpadded into cu_seqlens. Both are
+    exact. Under torch.compile / torch.export always: the unpadded layout's sizes depend on the data."""
+    return torch.compiler.is_compiling()
+
+
+def masked_layout(mask: torch.Tensor, past: torch.Tensor) -> SequenceLayout:
+    """The layout of a padded batch that keeps every shape fixed (no host sync, nothing sized by the data), for
+    torch.compile and torch.export: any 0/1 `mask` [B, T] (left, right or inner padding), `past` [B] the tokens
+    each row has in the cache. A token's column in the moved layout is its rank among its row's real tokens, or
+    the row's real-token count plus its rank among the pads: a stable permutation built with cumulative sums."""
+    batch_size, seq_len = mask.shape
+    real = mask.long()
+    row_tokens = real.sum(dim=1)
+    place = torch.where(mask, real.cumsum(1) - 1, row_tokens[:, None] + (1 - real).cumsum(1) - 1)
+    columns = torch.arange(seq_len, device=mask.device)
+    order = torch.empty_like(place).scatter_(1, place, columns.expand_as(place).contiguous())
+    positions = past[:, None] + columns[None]
+    return SequenceLayout(batch_size, seq_len, positions, row_tokens, order=order,
+                          token_mask=columns[None] < row_tokens[:, None], place=place, input_mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -254,7 +301,9 @@ class ShortConvolution(nn.Module):
         self.kernel_size = kernel_size
         self.weight = nn.Parameter(torch.zeros(channels, kernel_size))
 
-    def forward(self, x, cu_seqlens=None, tail=None):
+    def forward(self, x, cu_seqlens=None, tail=None, row_tokens=None):
+        """`row_tokens` [B] (the masked layout: each row's real tokens first, then pads): the new tail is the last
+        inputs before a row's pads instead of its last columns."""
         width = self.kernel_size - 1
         if cu_seqlens is None:
             if tail is None:
@@ -265,6 +314,8 @@ class ShortConvolution(nn.Module):
                 y = (extended.to(acc) * self.weight.t().to(acc)).sum(1, keepdim=True).to(x.dtype)
             else:
                 y = self._conv(extended)
+            if row_tokens is not None:
+                return F.silu(y), _tail_after(x, tail, row_tokens, width)
             return F.silu(y), extended[:, -width:].clone()  # a copy: a view would pin the whole input in the cache
         # Packed: give every sequence its own `width` tail slots, convolve the whole stream once, drop the slots.
         num_seqs = cu_seqlens.numel() - 1
@@ -283,19 +334,21 @@ class ShortConvolution(nn.Module):
         new_tail = extended[0, (end[:, None] - width + torch.arange(width, device=x.device)[None]).flatten()]
         return F.silu(out), new_tail.view(num_seqs, width, x.shape[2])
 
-    def forward_parts(self, parts, cu_seqlens=None, tail=None, fused=False):
+    def forward_parts(self, parts, cu_seqlens=None, tail=None, fused=False, row_tokens=None):
         """Convolves `parts` (q, k, v: consecutive channel groups of this convolution) and returns them separately
         with the joint new tail. The fused path runs the Triton kernel per part, which reads a part in place even
         when it is a channel slice of one joint projection, so q, k and v are neither copied nor concatenated; the
         reference path concatenates and calls `forward`."""
         sizes = [part.shape[-1] for part in parts]
         if not (fused and HAS_FUSED_CONV) or (tail is not None and tail.requires_grad):
-            y, new_tail = self.forward(torch.cat(parts, dim=-1), cu_seqlens, tail)
+            y, new_tail = self.forward(torch.cat(parts, dim=-1), cu_seqlens, tail, row_tokens)
             return y.split(sizes, dim=-1), new_tail
         outputs, tails, start = [], [], 0
         for part, size in zip(parts, sizes):
             part_tail = None if tail is None else tail[..., start:start + size].contiguous()
             y, new_tail = short_conv_triton(part, self.weight[start:start + size], cu_seqlens, part_tail)
+            if row_tokens is not None:
+                new_tail = _tail_after(part, part_tail, row_tokens, self.kernel_size - 1)
             outputs.append(y)
             tails.append(new_tail)
             start += size
@@ -304,6 +357,19 @@ class ShortConvolution(nn.Module):
     def _conv(self, extended):
         weight = self.weight.to(extended.dtype).unsqueeze(1)  # [C, 1, k]
         return F.conv1d(extended.transpose(1, 2), weight, groups=weight.shape[0]).transpose(1, 2)
+
+
+def _tail_after(x, tail, row_tokens, width):
+    """The `width` inputs of the sequence [tail; x[b, :row_tokens[b]]] that end it, per row b: the convolution tail
+    of a row whose pads follow its real tokens (zeros stand for a missing tail)."""
+    index = row_tokens[:, None] + torch.arange(width, device=x.device)  # columns of [tail; x]
+    expand = lambda i: i[..., None].expand(-1, -1, x.shape[2])  # noqa: E731
+    from_x = x.gather(1, expand((index - width).clamp(min=0)))
+    if tail is None:
+        from_tail = torch.zeros((), dtype=x.dtype, device=x.device)
+    else:
+        from_tail = tail.to(x.dtype).gather(1, expand(index.clamp(max=width - 1)))
+    return torch.where((index >= width)[..., None], from_x, from_tail)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -368,11 +434,13 @@ class FWPAttention(nn.Module):
         q, k, v, beta_logits, gate_logits = self._projections(x, joint_weight)
         new_tail = None
         if cfg.use_short_conv:
-            (q, k, v), new_tail = self.conv.forward_parts([q, k, v], layout.cu_seqlens, conv_tail, fused)
+            (q, k, v), new_tail = self.conv.forward_parts(
+                [q, k, v], layout.cu_seqlens, conv_tail, fused, None if layout.order is None else layout.row_tokens)
         q, k, v = (y.view(b, t, self.num_heads, self.head_dim) for y in (q, k, v))
         if cfg.position_embedding == "rotary":
             q, k = rotary_embed(q, layout.positions, cfg.rope_theta), rotary_embed(k, layout.positions, cfg.rope_theta)
         q, k = self._normalize(self.feature_map(q), fused), self._normalize(self.feature_map(k), fused)
+        k = layout.mask_tokens(k)  # after phi (phi(0) need not be 0): a pad's key writes nothing to S or z
         scale = self.head_dim ** -0.5  # the paper scales the read-out by 1/sqrt(d_head), whatever phi's size
         common = dict(cu_seqlens=layout.cu_seqlens, backend=layout.backend or cfg.kernel_backend, chunk_size=cfg.chunk_size)
 
@@ -383,6 +451,7 @@ class FWPAttention(nn.Module):
             beta = torch.sigmoid(beta_logits.to(acc)) if cfg.use_beta else x.new_ones(b, t, self.num_heads, dtype=acc)
             if cfg.allow_neg_eigval:  # beta in (0, 2): I - beta k k^T may have a negative eigenvalue
                 beta = 2.0 * beta
+            beta = layout.mask_tokens(beta)
             if cfg.attention_normalization:
                 # Normalised retrieval v_bar = S^T k / d with d = z_{t-1}.k_t (Eqs. 26-28; d = 1 at a sequence's first
                 # token). u = beta (v - S^T k / d) = (beta / d) (d v - S^T k): the plain delta rule with those inputs.
@@ -615,7 +684,8 @@ class FWPModel(FWPPreTrainedModel):
 
         layout = build_layout(batch_size, seq_len, inputs_embeds.device, attention_mask,
                               cu_seqlens if cu_seqlens is not None else cu_seq_lens_q, position_ids,
-                              past_key_values.row_tokens(0) if past_key_values is not None else None)
+                              past_key_values.row_tokens(0) if past_key_values is not None else None,
+                              masked=attention_mask is not None and use_masked_layout(attention_mask))
         num_rows = layout.row_tokens.numel()
         if past_key_values is not None and past_key_values.batch_size not in (-1, num_rows):
             raise ValueError(f"The cache (past_key_values) holds {past_key_values.batch_size} sequences but this input "
