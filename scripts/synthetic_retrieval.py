@@ -521,7 +521,7 @@ def train_bank(specs, cfg, writer, deadline, log=print):
                 st.reason = "nan"
             elif loss <= STOP_LOSS:
                 st.reason = "solved"
-            elif st.strikes > MAX_STRIKES:
+            elif st.strikes > cfg.patience:
                 st.reason = "no_progress"
             elif step + cfg.eval_every > cfg.max_steps:
                 st.reason = "step_cap"
@@ -564,6 +564,8 @@ def plan(mode):
     """The runs of each mode: list of RunSpec."""
     if mode == "quick":
         s1, s2, m1, m2, seeds = [8, 16], [8], ["linear", "dpfp1", "favor64", "softmax"], ["dpfp1"], [0]
+    elif mode == "capacity":  # DPFP-1 around its capacity, trained longer (RESULTS.md, "DPFP-1's capacity")
+        s1, s2, m1, m2, seeds = [80, 100, 120, 140], [], ["dpfp1"], [], [0]
     elif mode == "medium":
         s1, s2 = [20, 40, 60, 80, 120], [20, 40]
         m1, m2, seeds = ["linear", "dpfp1", "favor64", "softmax"], ["linear", "dpfp1"], [0]
@@ -596,6 +598,7 @@ MODES = {  # steps cap, evaluation interval, evaluation sequences, S bucket size
     "quick": dict(max_steps=60, eval_every=20, eval_sequences=4, bucket_size=2, time_budget=120.0),
     "medium": dict(max_steps=1500, eval_every=100, eval_sequences=20, bucket_size=1, time_budget=3000.0),
     "full": dict(max_steps=5000, eval_every=100, eval_sequences=20, bucket_size=5, time_budget=420.0),
+    "capacity": dict(max_steps=10000, eval_every=100, eval_sequences=20, bucket_size=1, time_budget=2400.0),
 }
 
 
@@ -1018,6 +1021,7 @@ class Config:
     eval_sequences: int
     bucket_size: int
     time_budget: float
+    patience: int = MAX_STRIKES
 
 
 def parse_shard(text):
@@ -1036,6 +1040,8 @@ def main(argv=None):
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="CPU smoke test (seconds)")
     mode.add_argument("--medium", dest="mode", action="store_const", const="medium", help="CPU check of the trends")
     mode.add_argument("--full", dest="mode", action="store_const", const="full", help="the reproduction (GPU)")
+    mode.add_argument("--capacity", dest="mode", action="store_const", const="capacity",
+                      help="DPFP-1 at S = 80..140 with a 10k-step cap (use with --patience)")
     parser.add_argument("--report-only", action="store_true", help="rebuild plots and report from --out's CSVs")
     parser.add_argument("--estimate", action="store_true", help="extrapolate the full run's GPU time from CPU steps")
     parser.add_argument("--out", default=None, help="output folder (default results/synthetic[_MODE])")
@@ -1054,6 +1060,8 @@ def main(argv=None):
                         "(one GPU call each, with its own --time-budget); combine the folders with --merge")
     parser.add_argument("--merge", nargs="+", metavar="DIR", help="combine the folders of a sharded run into --out")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is faster on a busy machine)")
+    parser.add_argument("--patience", type=int, default=MAX_STRIKES, help="stop a run after more than this many "
+                        "evaluations without improvement (the paper's rule: 10)")
     parser.set_defaults(mode="quick")
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join(REPO_ROOT, "results", "synthetic" if args.mode == "full" else f"synthetic_{args.mode}")
@@ -1067,7 +1075,7 @@ def main(argv=None):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     cfg = Config(device=args.device, backend=args.backend, chunk_size=args.chunk_size, lr=1e-3, batch_size=32,
-                 **settings)
+                 patience=args.patience, **settings)
     torch.manual_seed(args.seed)  # FAVOR+ redraws use the global generator
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -260,3 +260,17 @@ def test_shards_cover_the_plan_once_and_merge(tmp_path):
     assert "2 shards" in (tmp_path / "all" / "report.md").read_text()
     with pytest.raises(SystemExit):
         sr.main(["--quick", "--shard", "3/2"])
+
+
+@pytest.mark.parametrize("patience", [0, 2])
+def test_patience_sets_when_a_run_stops_without_progress(tmp_path, monkeypatch, patience):
+    """A run whose evaluation loss never improves stops after patience + 1 evaluations past its first (the paper's
+    rule is patience 10; --capacity runs use a longer one)."""
+    monkeypatch.setattr(sr, "evaluate", lambda bank, generator, sequences: torch.full((len(bank.specs),), 0.5))
+    specs = [s for s in sr.plan("capacity") if s.S == 80]
+    assert [(s.model, s.rule, s.setting) for s in specs] == [("dpfp1", "sum", 1)]
+    cfg = sr.Config(device="cpu", backend="chunk", chunk_size=64, lr=1e-3, batch_size=2, max_steps=100,
+                    eval_every=5, eval_sequences=1, bucket_size=1, time_budget=60.0, patience=patience)
+    sr.train_bank(specs, cfg, sr.ResultWriter(str(tmp_path / "out")), deadline=math.inf, log=lambda *a, **k: None)
+    (row,) = sr.load_csv(tmp_path / "out" / "results.csv")
+    assert (row["stop_reason"], row["steps"]) == ("no_progress", 5 * (patience + 2))
