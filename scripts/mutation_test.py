@@ -219,7 +219,8 @@ MUTATIONS = [
              ("tests/test_config.py::test_key_dim_follows_the_feature_map",),
              "config.key_dim for DPFP misses the factor 2 of [relu(x), relu(-x)]", ci=True),
     Mutation("choices_not_validated", "modeling_fwp/configuration_fwp.py",
-             "            if value not in allowed:\n", "            if False:\n",
+             "            if type(value) is not type(allowed[0]) or value not in allowed:  # 64.0 and True are no chunk sizes\n",
+             "            if False:\n",
              ("tests/test_config.py::test_bad_values_name_the_field",),
              "FWPConfig accepts any update_rule / feature_map / ... value"),
     Mutation("output_norm_default_off", "modeling_fwp/configuration_fwp.py",
@@ -387,6 +388,19 @@ MUTATIONS = [
              '        argv.append("--use_cpu=true")\n', "        pass\n",
              (f"{EFFECTS}::test_two_gloo_processes_give_the_gradients_of_one_process_on_the_combined_batch",),
              "several CPU processes without --use_cpu do not join over gloo (each trains alone)"),
+    # ------------------------------------------------------------------ silently wrong input (issue 26)
+    Mutation("additive_mask_read_as_0_1", "modeling_fwp/safeguards.py",
+             "    if bool(other.any()):\n", "    if False:\n",
+             ("tests/test_bad_input.py::test_an_additive_float_mask_is_refused",),
+             "an additive float mask (0 / -inf) is read as a 0/1 mask: the padding is inverted"),
+    Mutation("misspelt_keyword_swallowed", "modeling_fwp/safeguards.py",
+             "    unknown = [key for key in kwargs if key not in TRANSFORMERS_KEYWORDS]\n", "    unknown = []\n",
+             ("tests/test_bad_input.py::test_a_misspelled_keyword_is_refused",),
+             "a misspelt keyword (atention_mask=) is swallowed by **kwargs and the model runs without it"),
+    Mutation("fp32_triton_dots_in_tf32", "modeling_fwp/ops_triton.py",
+             'self.prec = "ieee" if v.dtype == torch.float32 else "tf32"', 'self.prec = "tf32"',
+             ("tests/test_triton_precision.py",),
+             "the fp32 Triton path asks for tf32 dot products (errors near 1e-3 on a GPU)"),
 ]
 
 CI_TIMEOUT = 300
