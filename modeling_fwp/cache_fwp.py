@@ -39,7 +39,10 @@ class FWPLayerState:
 
 def _compact(tensor):
     """The tensor itself, or a copy when it is a view into a larger buffer, so the cache never keeps a kernel's
-    per-token workspace alive (which would make memory grow with the prompt)."""
+    per-token workspace alive (which would make memory grow with the prompt). A graph (torch.compile) cannot ask
+    for storage sizes: there it always copies (a state's size, not the prompt's)."""
+    if tensor is not None and torch.compiler.is_compiling():
+        return tensor.clone()
     if tensor is None or tensor.untyped_storage().nbytes() <= tensor.numel() * tensor.element_size():
         return tensor
     return tensor.clone()

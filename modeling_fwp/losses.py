@@ -62,6 +62,8 @@ def check_targets(targets, vocab_size: int, name: str = "labels"):
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer token ids (or {IGNORE_INDEX} to ignore a position); got dtype "
                          f"{targets.dtype}.")
+    if torch.compiler.is_compiling():  # a graph cannot branch on values (as check_inputs skips its id check)
+        return
     bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab_size))
     if bool(bad.any()):
         raise ValueError(f"{name} holds {int(targets[bad][0])}, which is neither a token id in [0, vocab_size="
@@ -126,7 +128,12 @@ def causal_lm_loss(logits, labels=None, num_items_in_batch=None, shift_labels=No
     check_targets(targets, logits.shape[-1], name)
     targets = targets.reshape(-1).to(logits.device)
     rows = logits.reshape(-1, logits.shape[-1])
-    if loss_backend(logits, backend) == "triton":
+    if torch.compiler.is_compiling() and backend == "auto":
+        # In a graph the compiler fuses the fp32 upcast into the reduction itself (the chunk loop would unroll, or
+        # stop a dynamic row count; the Triton kernels are opaque to it).
+        acc = torch.promote_types(rows.dtype, torch.float32)
+        total = torch.nn.functional.cross_entropy(rows.to(acc), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    elif loss_backend(logits, backend) == "triton":
         total = cross_entropy_sum_triton(rows, targets, IGNORE_INDEX)
     else:
         total = _ChunkedCrossEntropy.apply(rows, targets, chunk_rows)

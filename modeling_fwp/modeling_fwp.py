@@ -50,7 +50,10 @@ def use_fused_kernels(x: torch.Tensor, config: FWPConfig) -> bool:
     run where the Triton update rule runs: CUDA tensors with kernel_backend "auto" or "triton". The "chunk" and
     "recurrent" backends keep every op in plain PyTorch, the reference the kernels are tested against. A decode
     step (few tokens, no gradient) also takes the PyTorch ops: it is bound by launch cost, and a Triton launch
-    costs more host time than the few small aten kernels it replaces."""
+    costs more host time than the few small aten kernels it replaces. Under torch.compile the PyTorch ops too: the
+    compiler fuses them itself (only the update rule stays a Triton operator, `ops_triton_compile.py`)."""
+    if torch.compiler.is_compiling():
+        return False
     if not (x.is_cuda and x.dtype != torch.float64 and config.kernel_backend in ("auto", "triton")):
         return False
     return torch.is_grad_enabled() or x.numel() >= FUSED_MIN_TOKENS * x.shape[-1]
@@ -640,9 +643,12 @@ class FWPModel(FWPPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @torch.compiler.disable
     def _redraw_random_features(self):
         """FAVOR+ draws a new random matrix for every training batch (PAPER.md 1d). The draw is seeded by a counter so
-        every data-parallel replica draws the same matrix."""
+        every data-parallel replica draws the same matrix. Under torch.compile it runs outside the graph (a graph
+        cannot create the seeded generator): one graph break per training forward with the redraw on, so
+        fullgraph=True needs favor_redraw=False or eval mode."""
         self._favor_draws += 1
         for layer in self.layers:
             generator = torch.Generator().manual_seed(1_000_003 * self._favor_draws + layer.attn.layer_idx)
@@ -670,7 +676,8 @@ class FWPModel(FWPPreTrainedModel):
         batch_size, seq_len = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         if use_cache and past_key_values is None:
             past_key_values = FWPCache(config=self.config)
-        segment = self.config.inference_segment_size
+        # A graph (torch.compile / torch.export) runs the whole input: no branch on a dynamic length.
+        segment = 0 if torch.compiler.is_compiling() else self.config.inference_segment_size
         packed = cu_seqlens is not None or cu_seq_lens_q is not None or (
             position_ids is not None and batch_size == 1 and attention_mask is None
             and cu_seqlens_from_position_ids(position_ids) is not None)

@@ -18,6 +18,9 @@ sequences (cu_seqlens) are scattered into a zero-padded batch.
 
 from __future__ import annotations
 
+import math
+import re
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -149,7 +152,8 @@ def _run(core, q, k, v, beta, scale, initial_state, output_final_state, cu_seqle
         o = v.new_zeros(1 if gather is not None else batch, 0 if gather is None else gather.numel(), heads, value_dim)
         return o.to(out_dtype), (state if output_final_state else None)
 
-    size = min(chunk_size, length)
+    # A graph keeps the chunk size fixed (a dynamic length may be shorter: zero padding changes nothing).
+    size = chunk_size if torch.compiler.is_compiling() else min(chunk_size, length)
     state0 = None if initial_state is None else initial_state.reshape(batch * heads, key_dim, value_dim)
     o, state = core(q, k, v, beta_c, state0, scale, size)
     if gather is not None:
@@ -205,6 +209,8 @@ def pack_to_padded(tensors, offsets):
 
 def _sum_core(q, k, v, beta, state0, scale, size):
     """[B, T, H, D] in and out; the work is in the chunk layout (`_sum_chunks`)."""
+    if torch.compiler.is_compiling():
+        return _sum_chunk_op(q, k, v, state0, float(scale), int(size))
     batch, length, heads, _ = k.shape
     o_c, final = _sum_chunks(*(_to_chunks(x, size) for x in (q, k, v)), state0, scale)
     return _from_chunks(o_c, batch, heads, length), final
@@ -236,6 +242,8 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 def _delta_core(q, k, v, beta, state0, scale, size):
     # Save for the backward only when a graph is recorded: inside forward, needs_input_grad is also True under
     # no_grad for inputs that require grad, and saving costs full-length buffers instead of one block's.
+    if torch.compiler.is_compiling():
+        return _delta_core_op(q, k, v, beta, state0, scale, size)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, beta, state0))
     return _DeltaChunk.apply(q, k, v, beta, state0, scale, size, save)
 
@@ -433,3 +441,137 @@ class _DeltaChunk(torch.autograd.Function):
         trim = (lambda x: x) if padded == length else (lambda x: x[:, :length])  # noqa: E731
         d_state0 = d_state if ctx.has_state0 else None
         return (trim(d_q_all), trim(d_k_all), trim(d_v_all), trim(d_beta_all[..., 0]), d_state0, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------- as a custom op
+# torch.compile and torch.export see the chunkwise delta rule as one opaque operator per call: its Python loops
+# run over a number of chunks that depends on the sequence length, which a graph cannot hold for a dynamic length.
+# The forward also returns what the backward needs (empty when no gradient is wanted), flattened to 1-D: a
+# [n_chunks, ...] shape would make the tracer guard on n_chunks != 1. The backward is the same hand-written one.
+# The library name carries this module's name: the package and a trust_remote_code copy of it can be imported in
+# one process, and an operator name can be registered once.
+_LIBRARY = "fwp_" + re.sub(r"\W", "_", __name__)
+_FIVE = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+_NINE = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+              torch.Tensor, torch.Tensor]
+
+
+def _saved_shapes(batch, length, heads, key_dim, value_dim, size):
+    """Shapes of the tensors `_DeltaChunk.forward` saves: chunked q, k, beta, T, X, Un and the states."""
+    n, bh = (length + size - 1) // size, batch * heads
+    return [(n, bh, size, key_dim), (n, bh, size, key_dim), (n, bh, size), (n, bh, size, size),
+            (n, bh, size, value_dim), (n, bh, size, value_dim), (n + 1, bh, key_dim, value_dim)]
+
+
+class _Context:
+    """Stands in for the autograd context that `_DeltaChunk.forward` / `backward` read and write."""
+
+    def __init__(self, saved_tensors=(), **fields):
+        self.saved_tensors = saved_tensors
+        self.__dict__.update(fields)
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+@torch.library.custom_op(f"{_LIBRARY}::delta_chunk", mutates_args=())
+def _delta_chunk_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                    state0: torch.Tensor | None, scale: float, size: int, save: bool) -> _NINE:
+    ctx = _Context()
+    o, final = _DeltaChunk.forward(ctx, q, k, v, beta, state0, scale, size, save)
+    saved = [t.reshape(-1) for t in ctx.saved_tensors] if save else [q.new_empty(0)] * 7
+    return (o, final, *saved)
+
+
+@_delta_chunk_op.register_fake
+def _(q, k, v, beta, state0, scale, size, save):
+    batch, length, heads, key_dim = k.shape
+    value_dim = v.shape[-1]
+    shapes = _saved_shapes(batch, length, heads, key_dim, value_dim, size)
+    saved = [q.new_empty(math.prod(shape) if save else 0) for shape in shapes]
+    return (q.new_empty(batch, length, heads, value_dim), q.new_empty(batch * heads, key_dim, value_dim), *saved)
+
+
+@torch.library.custom_op(f"{_LIBRARY}::delta_chunk_backward", mutates_args=())
+def _delta_chunk_backward_op(grad_o: torch.Tensor | None, grad_final: torch.Tensor | None,
+                             saved: list[torch.Tensor], scale: float, batch: int, length: int, heads: int,
+                             key_dim: int, value_dim: int, size: int) -> _FIVE:
+    shapes = _saved_shapes(batch, length, heads, key_dim, value_dim, size)
+    ctx = _Context(tuple(t.view(shape) for t, shape in zip(saved, shapes)), has_state0=True, scale=scale,
+                   batch=batch, length=length)
+    return tuple(grad.contiguous() for grad in _DeltaChunk.backward(ctx, grad_o, grad_final)[:5])  # as the fake
+
+
+@_delta_chunk_backward_op.register_fake
+def _(grad_o, grad_final, saved, scale, batch, length, heads, key_dim, value_dim, size):
+    new = saved[0].new_empty
+    return (new(batch, length, heads, key_dim), new(batch, length, heads, key_dim),
+            new(batch, length, heads, value_dim), new(batch, length, heads), new(batch * heads, key_dim, value_dim))
+
+
+def _delta_chunk_setup(ctx, inputs, output):
+    q, v, state0, scale, size = inputs[0], inputs[2], inputs[4], inputs[5], inputs[6]
+    ctx.save_for_backward(*output[2:])
+    ctx.arguments = (scale, *q.shape, v.shape[-1], size)
+    ctx.has_state0 = state0 is not None
+
+
+def _delta_chunk_grad(ctx, grad_o, grad_final, *unused):
+    contiguous = lambda x: None if x is None else x.contiguous()  # noqa: E731
+    d_q, d_k, d_v, d_beta, d_state0 = _delta_chunk_backward_op(
+        contiguous(grad_o), contiguous(grad_final), list(ctx.saved_tensors), *ctx.arguments)
+    return d_q, d_k, d_v, d_beta, (d_state0 if ctx.has_state0 else None), None, None, None
+
+
+_delta_chunk_op.register_autograd(_delta_chunk_grad, setup_context=_delta_chunk_setup)
+
+
+def _delta_core_op(q, k, v, beta, state0, scale, size):
+    """`_delta_core` as the custom operator (under torch.compile / torch.export)."""
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, beta, state0))
+    o, final = _delta_chunk_op(q, k, v, beta, state0, float(scale), int(size), save)[:2]
+    return o, final
+
+
+@torch.library.custom_op(f"{_LIBRARY}::sum_chunk", mutates_args=())
+def _sum_chunk_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state0: torch.Tensor | None, scale: float,
+                  size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked sum rule as one operator: its chunk reshapes would make the tracer guard on the chunk count."""
+    o, final = _sum_core(q, k, v, None, state0, scale, size)
+    return o, final.clone()  # (an operator's outputs may not alias each other: o and final never do, but to be sure)
+
+
+@_sum_chunk_op.register_fake
+def _(q, k, v, state0, scale, size):
+    batch, length, heads, key_dim = k.shape
+    return q.new_empty(batch, length, heads, v.shape[-1]), q.new_empty(batch * heads, key_dim, v.shape[-1])
+
+
+def _sum_chunk_setup(ctx, inputs, output):
+    q, k, v, state0, ctx.scale, ctx.size = inputs
+    ctx.save_for_backward(q, k, v, state0)
+    ctx.has_state0 = state0 is not None
+
+
+def _sum_chunk_grad(ctx, grad_o, grad_final):
+    """The sum rule's gradients are sum rules again, so the backward is three calls of the operator. With
+    G_j = dS_end + scale sum_{t >= j} q_t do_t^T (what S_j's gradient is): dq_t = scale S_t do_t (forward in time,
+    writing v_t k_t^T from S_0^T), dk_j = G_j v_j and dv_j = G_j^T k_j (backward in time, from dS_end), dS_0 = G_0."""
+    q, k, v, state0 = ctx.saved_tensors
+    batch, _, heads, key_dim = k.shape
+    value_dim = v.shape[-1]
+    if grad_o is None:
+        grad_o = torch.zeros_like(v)
+    if grad_final is None:
+        grad_final = q.new_zeros(batch * heads, key_dim, value_dim)
+    if state0 is None:
+        state0 = q.new_zeros(batch * heads, key_dim, value_dim)
+    d_q = _sum_chunk_op(grad_o, v, k, state0.transpose(-1, -2).contiguous(), ctx.scale, ctx.size)[0]
+    flip = lambda x: x.flip(1)  # noqa: E731
+    scaled_q, grad_o_r = flip(q) * ctx.scale, flip(grad_o)
+    d_k = _sum_chunk_op(flip(v), grad_o_r, scaled_q, grad_final.transpose(-1, -2).contiguous(), 1.0, ctx.size)[0]
+    d_v, d_state0 = _sum_chunk_op(flip(k), scaled_q, grad_o_r, grad_final.contiguous(), 1.0, ctx.size)
+    return d_q, flip(d_k), flip(d_v), (d_state0 if ctx.has_state0 else None), None, None
+
+
+_sum_chunk_op.register_autograd(_sum_chunk_grad, setup_context=_sum_chunk_setup)

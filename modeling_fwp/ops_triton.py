@@ -690,6 +690,16 @@ def _cfgs(pairs, **meta):
     return [triton.Config(dict(meta), num_warps=w, num_stages=st) for w, st in pairs]
 
 
+def plan_chunk_size(chunk_size: int, key_dim: int, item: int) -> int:
+    """The chunk size a call runs with. It changes only rounding, not the result.  The sequential kernels keep a
+    chunk's q, k and w tiles ([BT, K] each) on chip: shrink the chunk where those would overflow shared memory
+    (K = 512 in bf16, K >= 256 in fp32)."""
+    kp = max(16, _pow2(key_dim))
+    while chunk_size > 16 and chunk_size * kp * item * 3 > 96 * 1024:
+        chunk_size //= 2
+    return chunk_size
+
+
 class _Plan:
     """Shapes, block sizes and chunk bookkeeping shared by the launches of one call."""
 
@@ -699,11 +709,7 @@ class _Plan:
         kp = max(16, _pow2(K))
         vp = max(16, _pow2(V))
         item = v.element_size()
-        # The chunk size changes only rounding, not the result.  The sequential kernels keep a chunk's
-        # q, k and w tiles ([BT, K] each) on chip: shrink the chunk where those would overflow shared
-        # memory (K = 512 in bf16, K >= 256 in fp32).
-        while chunk_size > 16 and chunk_size * kp * item * 3 > 96 * 1024:
-            chunk_size //= 2
+        chunk_size = plan_chunk_size(chunk_size, K, item)
         self.B, self.T, self.H, self.K, self.V, self.BT = B, T, H, K, V, chunk_size
         self.kp = kp
         self.dtype = v.dtype
@@ -974,6 +980,10 @@ def _run(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, ch
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, beta, initial_state))
+    if torch.compiler.is_compiling():  # one opaque operator in the graph (ops_triton_compile.py)
+        from .ops_triton_compile import rule_op
+
+        return rule_op(q, k, v, beta, scale, h0, output_final_state, cu_seqlens, chunk_size, is_delta, needs_grad)
     n_seq = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     max_len = TUNE.get("recurrent_max_len", 16)
     if not needs_grad and q.shape[0] * q.shape[1] <= max_len * max(n_seq, 1):
