@@ -12,6 +12,10 @@ the last loss (a NaN would show). Prints a markdown table; --json writes the sam
     accelerate launch --config_file configuration/accelerate/fsdp.yaml --num_processes 8 \\
         scripts/bench_train.py --preset deltanet-1.3b --json bench-fsdp8.json   # FSDP2, sharded per block
     python scripts/bench_train.py --preset tiny --batch_size 2 --seq_len 64 --steps 2   # CPU smoke run
+    python scripts/bench_train.py --models fwp,llama --compile                    # eager and torch.compile'd
+
+--compile measures every model twice, eager and compiled (torch.compile with the default inductor backend, the
+compile in the warm-up steps; its time is the "first step" column), in one process.
 
 fla is optional: "fla" is skipped with a note when it does not import (or has no GPU to run on).
 
@@ -62,6 +66,8 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure the models in turn this many times (fwp, fla, llama, fwp, ...): a peer whose "
                              "speed swings between runs is compared with ours in every round")
+    parser.add_argument("--compile", action="store_true",
+                        help="measure each model eager and under torch.compile (inductor), side by side")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile 2 steps and print each model's N costliest kernels (GPU time)")
     args = parser.parse_args(argv)
@@ -108,7 +114,8 @@ def build_model(name: str, config, seq_len: int):
     return LlamaForCausalLM(llama_config), "softmax attention, sdpa"
 
 
-def bench_one(name, config, args, accelerator, profile_top=0):
+def bench_one(name, config, args, accelerator, profile_top=0, compiled=False):
+    torch._dynamo.reset()  # each compiled model from a clean slate (no cache limit reached by an earlier one)
     torch.manual_seed(args.seed)
     model, note = build_model(name, config, args.seq_len)
     if model is None:
@@ -121,6 +128,9 @@ def bench_one(name, config, args, accelerator, profile_top=0):
         shard_per_block(accelerator, model, args.fsdp_param_dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=torch.cuda.is_available())
     model, optimizer = accelerator.prepare(model, optimizer)
+    if compiled:
+        model = torch.compile(model)
+        note += ", torch.compile"
     model.train()
     generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)  # each rank its own batch
     batch = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=generator)
@@ -141,8 +151,12 @@ def bench_one(name, config, args, accelerator, profile_top=0):
             torch.cuda.synchronize()
         accelerator.wait_for_everyone()
 
-    for _ in range(args.warmup_steps):
+    first_step = time.perf_counter()
+    for index in range(args.warmup_steps):
         step()
+        if index == 0:
+            synchronize()
+            first_step = time.perf_counter() - first_step
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     synchronize()
@@ -158,7 +172,8 @@ def bench_one(name, config, args, accelerator, profile_top=0):
     tokens = args.batch_size * args.seq_len * args.steps * accelerator.num_processes
     result = {"model": name, "note": note, "parameters_M": parameters / 1e6, "tokens_per_s": tokens / seconds,
               "tokens_per_s_per_process": tokens / seconds / accelerator.num_processes,
-              "step_ms": 1000 * seconds / args.steps, "peak_memory_GiB": peak, "last_loss": last_loss}
+              "step_ms": 1000 * seconds / args.steps, "peak_memory_GiB": peak, "last_loss": last_loss,
+              "compiled": compiled, "first_step_s": first_step if args.warmup_steps else float("nan")}
     if profile is not None:
         result["profile"] = profile
     del model, optimizer, batch
@@ -228,16 +243,18 @@ def profile_markdown(result) -> str:
 
 
 def markdown(results, header) -> str:
-    lines = [header, "", "| round | model | params (M) | tokens/s (global) | tokens/s / GPU | step (ms) | "
-             "peak memory / GPU (GiB) | last loss | note |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| round | model | mode | params (M) | tokens/s (global) | tokens/s / GPU | step (ms) | "
+             "first step (s) | peak memory / GPU (GiB) | last loss | note |", "|---" * 11 + "|"]
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {r.get('round', 1)} | {r['model']} | - | - | - | - | - | - | skipped: {r['skipped']} |")
+            lines.append(f"| {r.get('round', 1)} | {r['model']} | - | - | - | - | - | - | - | - | "
+                         f"skipped: {r['skipped']} |")
             continue
         peak = "n/a" if math.isnan(r["peak_memory_GiB"]) else f"{r['peak_memory_GiB']:.1f}"
-        lines.append(f"| {r.get('round', 1)} | {r['model']} | {r['parameters_M']:.1f} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['tokens_per_s_per_process']:,.0f} | {r['step_ms']:.0f} | "
-                     f"{peak} | {r['last_loss']:.3f} | {r['note']} |")
+        mode = "compiled" if r.get("compiled") else "eager"
+        lines.append(f"| {r.get('round', 1)} | {r['model']} | {mode} | {r['parameters_M']:.1f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_process']:,.0f} | {r['step_ms']:.0f} | "
+                     f"{r.get('first_step_s', float('nan')):.1f} | {peak} | {r['last_loss']:.3f} | {r['note']} |")
     return "\n".join(lines)
 
 
@@ -256,13 +273,17 @@ def main(argv=None):
     info = {"preset": args.preset, "config_overrides": args.config_overrides, "device": device,
             "processes": accelerator.num_processes, "parallelism": parallel, "batch_size_per_process": args.batch_size,
             "seq_len": args.seq_len, "dtype": args.dtype, "warmup_steps": args.warmup_steps, "steps": args.steps,
-            "gradient_checkpointing": args.gradient_checkpointing, "torch": torch.__version__, "results": results}
+            "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile, "torch": torch.__version__,
+            "results": results}
     for round_index in range(args.rounds):
         for name in args.models:  # each model's line and the JSON so far as soon as it is measured: a run cut off
             profile = args.profile if round_index == 0 else 0  # by a time limit keeps what it measured
-            results.append(dict(bench_one(name, config, args, accelerator, profile), round=round_index + 1))
+            modes = (False, True) if args.compile else (False,)
+            for compiled in modes:
+                results.append(dict(bench_one(name, config, args, accelerator, profile, compiled),
+                                    round=round_index + 1))
             if accelerator.is_main_process:
-                print(markdown(results[-1:], f"{name} measured (round {round_index + 1})"), flush=True)
+                print(markdown(results[-len(modes):], f"{name} measured (round {round_index + 1})"), flush=True)
                 if args.json:
                     Path(args.json).write_text(json.dumps(info, indent=1))
     if accelerator.is_main_process:
