@@ -451,9 +451,6 @@ class _DeltaChunk(torch.autograd.Function):
 # The library name carries this module's name: the package and a trust_remote_code copy of it can be imported in
 # one process, and an operator name can be registered once.
 _LIBRARY = "fwp_" + re.sub(r"\W", "_", __name__)
-_FIVE = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-_NINE = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-              torch.Tensor, torch.Tensor]
 
 
 def _saved_shapes(batch, length, heads, key_dim, value_dim, size):
@@ -474,9 +471,13 @@ class _Context:
         self.saved_tensors = tensors
 
 
+# (The operators' types are spelt out, not aliased: older torch releases may evaluate a postponed annotation
+# outside this module.)
 @torch.library.custom_op(f"{_LIBRARY}::delta_chunk", mutates_args=())
 def _delta_chunk_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                    state0: torch.Tensor | None, scale: float, size: int, save: bool) -> _NINE:
+                    state0: torch.Tensor | None, scale: float, size: int, save: bool,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor, torch.Tensor, torch.Tensor]:
     ctx = _Context()
     o, final = _DeltaChunk.forward(ctx, q, k, v, beta, state0, scale, size, save)
     saved = [t.reshape(-1) for t in ctx.saved_tensors] if save else [q.new_empty(0)] * 7
@@ -495,7 +496,8 @@ def _(q, k, v, beta, state0, scale, size, save):
 @torch.library.custom_op(f"{_LIBRARY}::delta_chunk_backward", mutates_args=())
 def _delta_chunk_backward_op(grad_o: torch.Tensor | None, grad_final: torch.Tensor | None,
                              saved: list[torch.Tensor], scale: float, batch: int, length: int, heads: int,
-                             key_dim: int, value_dim: int, size: int) -> _FIVE:
+                             key_dim: int, value_dim: int, size: int,
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     shapes = _saved_shapes(batch, length, heads, key_dim, value_dim, size)
     ctx = _Context(tuple(t.view(shape) for t, shape in zip(saved, shapes)), has_state0=True, scale=scale,
                    batch=batch, length=length)

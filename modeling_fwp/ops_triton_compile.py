@@ -18,8 +18,6 @@ from .ops_triton import _backward, _forward, _Plan, _run, plan_chunk_size
 
 # A library name of this module's own: the package and a trust_remote_code copy of it can be imported in one process.
 _LIBRARY = "fwp_" + re.sub(r"\W", "_", __name__)
-_THREE = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-_FIVE = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _or_empty(x, like):
@@ -29,7 +27,7 @@ def _or_empty(x, like):
 @torch.library.custom_op(f"{_LIBRARY}::rule", mutates_args=())
 def _rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor | None, h0: torch.Tensor | None,
           cu_seqlens: torch.Tensor | None, scale: float, want_ht: bool, chunk_size: int, is_delta: bool,
-          grad: bool) -> _THREE:
+          grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if not grad:  # the eager pick: token-by-token kernel for short sequences, else chunkwise (or segmented)
         o, ht = _run(q, k, v, beta, scale, h0, want_ht, cu_seqlens, chunk_size, is_delta)
         return o, _or_empty(ht, q), q.new_empty(0)
@@ -53,7 +51,7 @@ def _(q, k, v, beta, h0, cu_seqlens, scale, want_ht, chunk_size, is_delta, grad)
 def _rule_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor | None,
                    h0: torch.Tensor | None, cu_seqlens: torch.Tensor | None, linv: torch.Tensor | None,
                    do: torch.Tensor, dht: torch.Tensor | None, scale: float, chunk_size: int,
-                   is_delta: bool) -> _FIVE:
+                   is_delta: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     plan = _Plan(q, v, cu_seqlens, chunk_size)
     dht = dht.float().contiguous() if dht is not None else None
     dq, dk, dv, dbeta, dh0 = _backward(plan, q, k, v, beta, scale, h0, do.contiguous(), dht, is_delta, linv)
