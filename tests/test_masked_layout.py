@@ -105,3 +105,29 @@ def test_masked_rows_equal_reference_of_each_row_alone(name, side, monkeypatch):
                                rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(logits[1, real], reference_logits(model.state_dict(), model.config, ids[1, real]),
                                rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the fused Triton layer kernels)")
+@pytest.mark.parametrize("name", ["modern", "conv_norm_dpfp_rotary", "fla_gated"])
+def test_cuda_masked_equals_unpadded_with_the_fused_kernels(name, monkeypatch):
+    """On CUDA in eager the layers run the fused Triton kernels (norms, the short convolution per part, whose tail
+    the masked layout takes after the last real token) and the Triton update rule, in float32."""
+    from test_model import tiny_config
+
+    from modeling_fwp import FWPForCausalLM
+
+    torch.manual_seed(0)
+    model = FWPForCausalLM(tiny_config(**FAMILIES[name], hidden_size=64, num_heads=2, head_dim=32)).cuda().eval()
+    mask = masks(width=70).cuda()
+    ids = torch.randint(1, 61, mask.shape, generator=torch.Generator().manual_seed(3)).cuda()
+    with torch.no_grad():
+        first = {masked: run(model, masked, monkeypatch, input_ids=ids, attention_mask=mask)
+                 for masked in (False, True)}
+        more = ids[:, :5]
+        second = {masked: run(model, masked, monkeypatch, input_ids=more, attention_mask=torch.ones_like(more),
+                              cache=output_cache(first[masked])) for masked in (False, True)}
+    for out in (first, second):
+        torch.testing.assert_close(out[True].logits, out[False].logits, rtol=1e-4, atol=1e-5)
+        for x, y in zip(output_cache(out[True]).layers, output_cache(out[False]).layers, strict=True):
+            for s, t in zip(x.tensors(), y.tensors(), strict=True):
+                torch.testing.assert_close(s, t, rtol=1e-4, atol=1e-5)
