@@ -303,8 +303,11 @@ def contiguous_streams(tokenized_split, segment_length: int, streams_per_process
     first token of the next segment, so every token of the stream is predicted once); labels (= shift_labels, so
     the Trainer sees labels); segment_index (j), which tells the trainer when a new pass over the streams begins.
     """
+    import hashlib
+
     import datasets
     import numpy as np
+    import pyarrow as pa
 
     _check_block_size(segment_length)
     if streams_per_process < 1 or world_size < 1:
@@ -326,12 +329,19 @@ def contiguous_streams(tokenized_split, segment_length: int, streams_per_process
             -1, segment_length)
 
     inputs, targets = segments(0), segments(1)
-    return datasets.Dataset.from_dict({
-        "input_ids": inputs,
-        "shift_labels": targets,
-        "labels": targets,
-        "segment_index": np.repeat(np.arange(num_segments), num_streams),
-    })
+    columns = {"input_ids": inputs, "shift_labels": targets, "labels": targets,
+               "segment_index": np.repeat(np.arange(num_segments), num_streams)}
+    tokens_list = (getattr(datasets, "List", None) or datasets.Sequence)(datasets.Value("int64"))  # List: 4.0 on
+    features = datasets.Features({"input_ids": tokens_list, "shift_labels": tokens_list, "labels": tokens_list,
+                                  "segment_index": datasets.Value("int64")})
+    # The fingerprint comes from the tokens and the layout. Dataset.from_dict would hash the in-memory Arrow table
+    # with dill instead, which fails on Python 3.12 ("Can't pickle <class 'MonthDayNano'>").
+    digest = hashlib.sha256(np.ascontiguousarray(tokens).tobytes())
+    digest.update(f"streams-{num_streams}-{segment_length}".encode())
+    table = pa.Table.from_pydict({name: values.tolist() for name, values in columns.items()},
+                                 schema=features.arrow_schema)
+    return datasets.Dataset(datasets.table.InMemoryTable(table), info=datasets.DatasetInfo(features=features),
+                            fingerprint=digest.hexdigest()[:16])
 
 
 def _check_block_size(block_size: int) -> None:

@@ -136,6 +136,26 @@ def test_contiguous_streams_keep_each_row_on_its_stream(world_size, batch):
         fwp_data.contiguous_streams(tokenized["train"], 400, 4)
 
 
+def test_contiguous_streams_fingerprint_without_pickling_the_table(monkeypatch):
+    """datasets hashes an in-memory table with dill when it is given no fingerprint, which fails on Python 3.12
+    (seen on the GPU machine: "Can't pickle <class 'MonthDayNano'>"); the streams carry a fingerprint of their
+    tokens and layout instead: equal for equal tokens, different for other tokens or another layout."""
+    import datasets.arrow_dataset
+
+    def refuse(_):
+        raise AssertionError("the streams' table was hashed by pickling")
+
+    tokenized, _ = _toy_tokenized([300, 7, 450, 90])
+    other, _ = _toy_tokenized([300, 7, 450, 91])
+    monkeypatch.setattr(datasets.arrow_dataset, "generate_fingerprint", refuse)
+    first = fwp_data.contiguous_streams(tokenized["train"], 10, 3)
+    assert first._fingerprint == fwp_data.contiguous_streams(tokenized["train"], 10, 3)._fingerprint
+    assert first._fingerprint != fwp_data.contiguous_streams(tokenized["train"], 10, 2)._fingerprint
+    assert first._fingerprint != fwp_data.contiguous_streams(other["train"], 10, 3)._fingerprint
+    assert first[1]["input_ids"][1:] == first[1]["shift_labels"][:-1]  # rows read back as token lists
+    assert first.features["segment_index"].dtype == "int64"
+
+
 def test_unigram_perplexity():
     assert fwp_data.unigram_perplexity([0, 1, 2, 3], [3, 2, 1, 0], 4) == pytest.approx(4.0)  # uniform: ppl = V
     train, valid = [0, 0, 0, 1], [0, 1]
