@@ -25,7 +25,7 @@ PAPER = {
     "performer16-delta": ((36.0, 37.0), "Table 5"),
     "dpfp-sum": ((37.7, 38.8), "Table 5"),
     "dpfp-delta": ((33.9, 35.0), "Table 5"),
-    "delta-nopos": ((28.1, 31.1), "Table 3, medium (with positions: 29.7 / 31.5)"),
+    "delta-pos": ((29.7, 31.5), "Table 3, medium (without: 28.1 / 31.1)"),
     "linear-carry": ((260.0, 260.0), "Table 4, medium: > 260"),
     "delta-carry": ((27.8, 29.4), "Table 4, medium"),
 }
@@ -39,12 +39,12 @@ LABELS = {
     "performer16-delta": "Performer m=16, delta",
     "dpfp-sum": "DPFP nu=1, sum",
     "dpfp-delta": "DPFP nu=1, delta",
-    "delta-nopos": "Delta Net, no positions",
+    "delta-pos": "Delta Net, sinusoidal positions",
     "linear-carry": "Linear Transformer, state carried",
-    "delta-carry": "Delta Net (no pos.), state carried",
+    "delta-carry": "Delta Net, state carried",
 }
 TRUNCATED_FWP = ["linear", "delta", "performer8-sum", "performer8-delta", "performer16-sum", "performer16-delta",
-                 "dpfp-sum", "dpfp-delta", "delta-nopos"]
+                 "dpfp-sum", "dpfp-delta", "delta-pos"]
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -100,7 +100,7 @@ def final_rows(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def stat(per_model, model, field) -> Stat:
-    return Stat([number(r[field]) for r in per_model.get(model, [])])
+    return Stat([number(r.get(field)) for r in per_model.get(model, [])])
 
 
 def compare(a: Stat, b: Stat, factor: float = 1.0, margin: float = 0.0) -> tuple[str, str]:
@@ -142,7 +142,7 @@ def claims(per_model, split: str) -> list[tuple[str, str, str, str, str]]:
     out.append(("C6 carried: Linear Transformer >= 3x the Delta Net", "> 260 vs 27.8 (medium)",
                 f"{s['linear-carry']} vs {s['delta-carry']} (ratio "
                 f"{s['linear-carry'].mean / s['delta-carry'].mean:.2f})", verdict, detail))
-    truncated = stat(per_model, "delta-nopos", f"{split}_nocarry_ppl")
+    truncated = stat(per_model, "delta", f"{split}_nocarry_ppl")
     carried = s["delta-carry"]
     if truncated.n >= 2 and carried.n >= 2:  # carried below 1.1 x truncated
         diff = 1.1 * truncated.mean - carried.mean
@@ -151,15 +151,15 @@ def claims(per_model, split: str) -> list[tuple[str, str, str, str, str]]:
         detail = f"1.1 x truncated - carried = {diff:+.2f}, 2 SE = {2 * se:.2f}"
     else:
         verdict, detail = "too few seeds", f"n = {truncated.n}, {carried.n}"
-    out.append(("C6 carried Delta Net within 10 % of its truncated-context value (no pos., same streams)",
+    out.append(("C6 carried Delta Net within 10 % of its truncated-context value (same streams)",
                 "27.8 vs 28.1 (medium)", f"{carried} vs {truncated}", verdict, detail))
-    verdict, detail = compare(s["delta-nopos"], s["delta"])
+    verdict, detail = compare(s["delta"], s["delta-pos"])
     if verdict == "not separated":
         verdict = "holds (no worse: not separated)"
     elif verdict == "holds":
         verdict = "holds (better)"
     out.append(("C7 Delta Net without positions no worse than with", "28.1 vs 29.7 (medium)",
-                f"{s['delta-nopos']} vs {s['delta']}", verdict, detail))
+                f"{s['delta']} vs {s['delta-pos']}", verdict, detail))
     return out
 
 
@@ -246,7 +246,7 @@ def write_report(out: Path, results_md: str | None = None) -> str:
               "", "Stream evaluations (the same validation / test streams, every segment from an empty state, and "
               "for the carried models with the state carried):", "",
               "| model | valid, truncated | test, truncated | valid, carried | test, carried |", "|---|---:|---:|---:|---:|"]
-    for model in ("linear", "delta-nopos", "linear-carry", "delta-carry"):
+    for model in ("linear", "delta", "linear-carry", "delta-carry"):
         carried = model.endswith("-carry")
         lines.append(f"| {LABELS[model]} | {stat(per_model, model, 'valid_nocarry_ppl')} | "
                      f"{stat(per_model, model, 'test_nocarry_ppl')} | "

@@ -43,18 +43,18 @@ def test_claims_follow_the_numbers():
     """C1 holds where the Delta Net is clearly lower and is 'opposite' the other way round; C6's second part
     compares the carried Delta Net with the truncated one's number on the same streams."""
     values = {"delta": [30.0, 30.2, 29.8], "linear": [35.0, 35.3, 34.8], "delta-carry": [31.0, 31.1, 30.9],
-              "linear-carry": [200.0, 210.0, 190.0], "delta-nopos": [30.0, 30.1, 29.9]}
+              "linear-carry": [200.0, 210.0, 190.0], "delta-pos": [30.0, 30.1, 29.9]}
     per_model = {model: rows_for(model, v) for model, v in values.items()}
-    for row, truncated in zip(per_model["delta-nopos"], (29.0, 29.1, 28.9)):
+    for row, truncated in zip(per_model["delta"], (29.0, 29.1, 28.9)):
         row["valid_nocarry_ppl"] = str(truncated)
     verdicts = {claim[:2] + str(i): v for i, (claim, _, _, v, _) in enumerate(report.claims(per_model, "valid"))}
     assert [verdicts[k] for k in ("C10", "C66", "C67", "C78")] == ["holds", "holds", "holds",
                                                                    "holds (no worse: not separated)"]
     assert verdicts["C21"] == "too few seeds"  # no Performer runs
-    per_model["delta"], per_model["linear"] = per_model["linear"], per_model["delta"]
-    assert report.claims(per_model, "valid")[0][3] == "opposite"
     per_model["delta-carry"] = rows_for("delta-carry", [33.0, 33.1, 32.9])  # > 1.1 x 29.0
     assert report.claims(per_model, "valid")[7][3] == "opposite"
+    per_model["delta"], per_model["linear"] = per_model["linear"], per_model["delta"]
+    assert report.claims(per_model, "valid")[0][3] == "opposite"
 
 
 def test_learning_rate_is_picked_per_family_on_validation():
@@ -89,7 +89,7 @@ def test_quick_scale_end_to_end(tmp_path, monkeypatch):
     results_md = tmp_path / "RESULTS.md"
     results_md.write_text("# Results\n")
     # One model of each kind (softmax, sum and delta rules, FAVOR+, DPFP, carried state): every path of a run.
-    models = ["transformer", "linear", "delta", "performer8-delta", "dpfp-sum", "delta-carry"]
+    models = ["transformer", "linear", "delta", "performer8-delta", "dpfp-sum", "delta-pos", "delta-carry"]
     argv = ["--scale", "quick", "--out", str(out), "--seeds", "0", "1", "--parallel", "2", "--device", "cpu",
             "--results-md", str(results_md), "--models", *models]
     lm_comparison.main(argv)
