@@ -184,9 +184,10 @@ def train_one(spec: dict) -> dict:
         return fwp_data.contiguous_streams(tokenized[split], context, streams_per_process=count, max_tokens=max_tokens)
 
     curve_tokens = scale["curve_eval_tokens"]
+    eval_streams = spec.get("eval_streams") or COMMON["eval_streams"]
     if carry:
         train_data = streams("train", batch)
-        curve_data = streams("validation", COMMON["eval_streams"], curve_tokens and curve_tokens)
+        curve_data = streams("validation", COMMON["eval_streams"], curve_tokens)
     else:
         train_data = blocks["train"]
         curve_data = blocks["validation"]
@@ -229,19 +230,19 @@ def train_one(spec: dict) -> dict:
                    peak_memory_mib=round(peak, 1), memory_kind=memory_kind, device=spec["device_name"],
                    parallel=spec["parallel"])
         if carry:  # the layout trained on: every segment starts from the previous one's state
-            args.per_device_eval_batch_size = COMMON["eval_streams"]
-            row["valid_ppl"] = perplexity(trainer.evaluate(streams("validation", COMMON["eval_streams"])), "eval")
-            row["test_ppl"] = perplexity(trainer.evaluate(streams("test", COMMON["eval_streams"]),
+            args.per_device_eval_batch_size = eval_streams
+            row["valid_ppl"] = perplexity(trainer.evaluate(streams("validation", eval_streams)), "eval")
+            row["test_ppl"] = perplexity(trainer.evaluate(streams("test", eval_streams),
                                                           metric_key_prefix="test"), "test")
         else:
             row["valid_ppl"] = perplexity(trainer.evaluate(blocks["validation"]), "eval")
             row["test_ppl"] = perplexity(trainer.evaluate(blocks["test"], metric_key_prefix="test"), "test")
         if name in STREAM_EVALUATED:  # the same streams, every segment from an empty state
             trainer.carry_state = False
-            args.per_device_eval_batch_size = COMMON["eval_streams"]
-            row["valid_nocarry_ppl"] = perplexity(trainer.evaluate(streams("validation", COMMON["eval_streams"])),
+            args.per_device_eval_batch_size = eval_streams
+            row["valid_nocarry_ppl"] = perplexity(trainer.evaluate(streams("validation", eval_streams)),
                                                   "eval")
-            row["test_nocarry_ppl"] = perplexity(trainer.evaluate(streams("test", COMMON["eval_streams"]),
+            row["test_nocarry_ppl"] = perplexity(trainer.evaluate(streams("test", eval_streams),
                                                                   metric_key_prefix="test"), "test")
     if not all(np.isfinite([row["valid_ppl"], row["test_ppl"]])):
         row["status"] = "diverged"
@@ -351,10 +352,11 @@ def run_all(args) -> None:
     prepare_data(scale, data_dir)
     hard_end = time.monotonic() + 60 * args.deadline_minutes if args.deadline_minutes else math.inf
     base = dict(scale=args.scale, out=str(out), data_dir=str(data_dir), device=args.device,
-                device_name=device_name(args.device), parallel=args.parallel)
+                device_name=device_name(args.device), parallel=args.parallel, eval_streams=args.eval_streams)
     meta = out / "meta.json"
     if not meta.exists():
         meta.write_text(json.dumps(dict(scale=args.scale, settings=scale, common=COMMON, device=base["device_name"],
+                                        final_eval_streams=args.eval_streams or COMMON["eval_streams"],
                                         commit=os.environ.get("FWP_COMMIT") or git_commit(), seeds=args.seeds,
                                         started=time.strftime("%Y-%m-%dT%H:%M:%S")), indent=1))
     running = {}  # run name -> (process, log file, start time)
@@ -414,6 +416,9 @@ def parse_args(argv=None):
     parser.add_argument("--parallel", type=int, default=2, help="Runs at a time (processes).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=None)
+    parser.add_argument("--eval-streams", type=int, default=None, help="Streams of the final stream evaluations "
+                        f"(default {COMMON['eval_streams']}; 1: each split read as one stream, as the paper's carried "
+                        "evaluation with batch size 1).")
     parser.add_argument("--lr", dest="fixed_lr", default="", help="Fixed learning rates instead of the grid, e.g. "
                         "'softmax=1e-3,sum=2e-3,delta=2e-3' (families: softmax, sum, delta).")
     parser.add_argument("--deadline-minutes", type=float, default=None,

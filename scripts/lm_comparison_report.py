@@ -173,6 +173,7 @@ def figure(per_model, curves: list[dict], path: Path) -> bool:
         return False
     kept = {r["run"] for rows in per_model.values() for r in rows}
     fig, ax = plt.subplots(figsize=(8, 5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])  # 12 lines, 12 colours
     for model in PAPER:
         points = {}
         for c in curves:
@@ -241,8 +242,9 @@ def write_report(out: Path, results_md: str | None = None) -> str:
     memory_kind = {r.get("memory_kind") for r in rows if r.get("memory_kind")}
     lines += ["", f"Peak memory: {', '.join(sorted(memory_kind)) or '-'} (process_max_rss: the whole process's "
               "resident memory, Python and libraries included; cuda_max_allocated: the tensors on the GPU). tokens/s: "
-              f"training tokens over training time (evaluations excluded) with {rows[0].get('parallel') if rows else '?'}"
-              " runs sharing the machine, so it compares models of one call, not machines.",
+              "training tokens over training time (evaluations excluded) with "
+              f"{'/'.join(sorted({r.get('parallel', '?') for r in rows}, key=str)) or '?'} runs at a time on the "
+              "machine, so it compares models run together, not machines.",
               "", "Stream evaluations (the same validation / test streams, every segment from an empty state, and "
               "for the carried models with the state carried):", "",
               "| model | valid, truncated | test, truncated | valid, carried | test, carried |", "|---|---:|---:|---:|---:|"]
