@@ -118,7 +118,7 @@ def load_data(data_dir: Path):
 
 # ------------------------------------------------------------------------------------------------------ models
 
-def build_model(name: str, scale: dict, tokenizer):
+def build_model(name: str, scale: dict, tokenizer, extra: dict | None = None):
     """The model `name` at this scale: a wt103-small preset with the scale's depth and width, or GPT-2 of the same
     depth, width, heads and feed-forward (ReLU, as the FWP blocks; learned positions; tied embeddings)."""
     import modeling_fwp
@@ -137,7 +137,7 @@ def build_model(name: str, scale: dict, tokenizer):
     config = modeling_fwp.load_preset(
         preset, vocab_size=vocab, num_hidden_layers=scale["layers"], hidden_size=scale["hidden"],
         num_heads=scale["heads"], head_dim=scale["hidden"] // scale["heads"], intermediate_size=scale["ffn"],
-        dropout=COMMON["dropout"], **overrides, **ids)
+        dropout=COMMON["dropout"], **{**overrides, **(extra or {})}, **ids)
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -195,7 +195,7 @@ def train_one(spec: dict) -> dict:
             curve_data = curve_data.select(range(min(len(curve_data), max(1, curve_tokens // context))))
 
     set_seed(seed)
-    model = build_model(name, scale, tokenizer)
+    model = build_model(name, scale, tokenizer, spec.get("config_overrides"))
     params = sum(p.numel() for p in model.parameters())
     bf16 = cuda and torch.cuda.is_bf16_supported()
     with tempfile.TemporaryDirectory(prefix="lm-run-") as scratch:
@@ -352,11 +352,13 @@ def run_all(args) -> None:
     prepare_data(scale, data_dir)
     hard_end = time.monotonic() + 60 * args.deadline_minutes if args.deadline_minutes else math.inf
     base = dict(scale=args.scale, out=str(out), data_dir=str(data_dir), device=args.device,
-                device_name=device_name(args.device), parallel=args.parallel, eval_streams=args.eval_streams)
+                device_name=device_name(args.device), parallel=args.parallel, eval_streams=args.eval_streams,
+                config_overrides=args.config_overrides)
     meta = out / "meta.json"
     if not meta.exists():
         meta.write_text(json.dumps(dict(scale=args.scale, settings=scale, common=COMMON, device=base["device_name"],
                                         final_eval_streams=args.eval_streams or COMMON["eval_streams"],
+                                        config_overrides=args.config_overrides,
                                         commit=os.environ.get("FWP_COMMIT") or git_commit(), seeds=args.seeds,
                                         started=time.strftime("%Y-%m-%dT%H:%M:%S")), indent=1))
     running = {}  # run name -> (process, log file, start time)
@@ -419,6 +421,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-streams", type=int, default=None, help="Streams of the final stream evaluations "
                         f"(default {COMMON['eval_streams']}; 1: each split read as one stream, as the paper's carried "
                         "evaluation with batch size 1).")
+    parser.add_argument("--config-overrides", default=None, help="FWPConfig fields changed in every FWP model of "
+                        "this call, as train.py's --config_overrides (e.g. attention_normalization=false); use "
+                        "another --out, since the run names do not show them.")
     parser.add_argument("--lr", dest="fixed_lr", default="", help="Fixed learning rates instead of the grid, e.g. "
                         "'softmax=1e-3,sum=2e-3,delta=2e-3' (families: softmax, sum, delta).")
     parser.add_argument("--deadline-minutes", type=float, default=None,
@@ -439,6 +444,10 @@ def parse_args(argv=None):
         except ValueError:
             parser.error(f"--lr {item!r}: {value!r} is not a number.")
     args.fixed_lr = fixed
+    if args.config_overrides:
+        from modeling_fwp import presets
+
+        args.config_overrides = presets.parse_config_overrides(args.config_overrides)
     if args.parallel < 1:
         parser.error("--parallel must be >= 1.")
     return args
