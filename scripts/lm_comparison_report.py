@@ -78,19 +78,18 @@ class Stat:
 
 def final_rows(rows: list[dict]) -> dict[str, list[dict]]:
     """Per model, the finished runs at its family's chosen learning rate (the grid's seed-0 run included)."""
-    from lm_comparison import FAMILY_REPRESENTATIVE, MODELS
+    from lm_comparison import FAMILY_REPRESENTATIVE, MODELS, pick_learning_rates
 
     chosen = {}
     for family, model in FAMILY_REPRESENTATIVE.items():
         rates = {number(r["learning_rate"]) for r in rows if MODELS.get(r["model"], (0, 0, None))[2] == family
                  and r["sweep"] == "0"}
-        grid = [r for r in rows if r["model"] == model and r["sweep"] == "1" and r["status"] != "failed"]
         if rates:  # the rate the main runs used (set by the grid, or fixed with --lr)
-            chosen[family] = sorted(rates)[0] if len(rates) == 1 else None
-        elif grid:
-            chosen[family] = min(grid, key=lambda r: number(r["valid_ppl"]) if math.isfinite(
-                number(r["valid_ppl"])) else math.inf)["learning_rate"]
-            chosen[family] = number(chosen[family])
+            chosen[family] = rates.pop() if len(rates) == 1 else None
+        elif any(r["model"] == model and r["sweep"] == "1" for r in rows):  # only the grid so far: its pick
+            grid = {"learning_rates": sorted({number(r["learning_rate"]) for r in rows
+                                              if r["model"] == model and r["sweep"] == "1"})}
+            chosen[family] = pick_learning_rates(rows, grid, fixed={})[family]
     per_model = {}
     for row in rows:
         family = MODELS.get(row["model"], (0, 0, None))[2]
