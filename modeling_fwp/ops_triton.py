@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 
 import torch
 
@@ -665,6 +666,23 @@ def _interpreting() -> bool:
 
 
 _TUNED: dict = {}
+_AUTOTUNE_NOTICE = (
+    "modeling_fwp: tuning the Triton delta-rule kernels for a new shape. The first call of each new shape class "
+    "takes up to a minute (on an H100: first training step 53 s instead of 21 s, then steps about 15 % faster); "
+    "Triton's disk cache keeps the picks for later runs on this machine. FWP_TRITON_AUTOTUNE=0 skips the tuning "
+    "and launches with fixed settings."
+)
+
+
+_announced = False
+
+
+def _announce_autotuning() -> None:
+    """Say once per process why a first call is slow (a silent minute looks like a hang)."""
+    global _announced
+    if not _announced:
+        _announced = True
+        warnings.warn(_AUTOTUNE_NOTICE, stacklevel=3)
 
 
 def _launch(kernel, grid, args, kwargs, configs, key, plain):
@@ -679,6 +697,7 @@ def _launch(kernel, grid, args, kwargs, configs, key, plain):
                                            for c in configs))
     tuned = _TUNED.get(ident)
     if tuned is None:
+        _announce_autotuning()
         # cache_results (triton >= 3.2) stores the pick in triton's on-disk cache, so only the first process on a
         # machine pays the tuning time (DDP ranks, later runs, tests), not every process.
         extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}

@@ -183,6 +183,33 @@ def test_interpreter_rejects_bad_input(what, needle, interpreter_results):
     assert needle in msg
 
 
+def test_first_autotuned_launch_says_why_it_is_slow(monkeypatch):
+    """The autotuner's first launch in a process warns once, naming FWP_TRITON_AUTOTUNE=0 (a silent minute looks
+    like a hang); later new shapes do not repeat it. triton.autotune is replaced: no kernel runs here."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    from modeling_fwp import ops_triton
+
+    launched = []
+
+    class Tuned:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(self.kernel)
+
+    monkeypatch.setattr(ops_triton.triton, "autotune", lambda configs, key, **extra: Tuned)
+    monkeypatch.setattr(ops_triton, "_TUNED", {})
+    monkeypatch.setattr(ops_triton, "_announced", False)
+    configs = ops_triton._cfgs([(4, 2)])
+    with pytest.warns(UserWarning, match="FWP_TRITON_AUTOTUNE=0") as caught:
+        for kernel in ("first", "second"):
+            ops_triton._launch(kernel, lambda meta: (1,), (), {}, configs, ("K",), {})
+    assert launched == ["first", "second"]
+    assert len([w for w in caught if "FWP_TRITON_AUTOTUNE" in str(w.message)]) == 1
+
+
 # ---------------------------------------------------------------------------------------------- CUDA
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
