@@ -16,6 +16,7 @@ PyTorch chunkwise form, `ops_chunk.py`), "triton" (`ops_triton.py`), "fla" (`ops
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -125,7 +126,10 @@ def _resolve_scale(scale, key_dim: int) -> float:
 
 def _outside_autocast(q: torch.Tensor):
     """Every backend picks its own precision (fp32 state, o in v's dtype); an enclosing autocast region (Trainer's
-    --bf16) would recast their internal products and mix dtypes, so it is switched off around them."""
+    --bf16) would recast their internal products and mix dtypes, so it is switched off around them. Only when it is
+    on: an exported graph then has no autocast region around the rule (ONNX's Scan cannot sit inside one)."""
+    if not torch.is_autocast_enabled(q.device.type):
+        return contextlib.nullcontext()
     return torch.autocast(q.device.type, enabled=False)
 
 
@@ -138,6 +142,8 @@ def _pick_backend(backend: str, q: torch.Tensor, cu_seqlens: torch.Tensor | None
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if torch.onnx.is_in_onnx_export() and cu_seqlens is None:
+            return "scan"  # ONNX has no translation of the custom operators; the step as one Scan node has one
         if q.is_cuda and HAS_TRITON_OPS and q.dtype != torch.float64:  # the kernels stop at fp32
             return "triton"
         # One step per sequence (a generation step, also packed: T == N): the loop has no chunk set-up cost.
@@ -187,6 +193,8 @@ def delta_rule(
     with _outside_autocast(q):
         if backend == "recurrent":
             return delta_rule_recurrent(*args)
+        if backend == "scan":
+            return _recurrent_scan(q, k, v, beta, scale, initial_state, output_final_state)
         if backend == "chunk":
             return delta_rule_chunk(*args, chunk_size=chunk_size)
         if backend == "triton":
@@ -213,6 +221,8 @@ def sum_rule(
     with _outside_autocast(q):
         if backend == "recurrent":
             return sum_rule_recurrent(*args)
+        if backend == "scan":
+            return _recurrent_scan(q, k, v, None, scale, initial_state, output_final_state)
         if backend == "chunk":
             return sum_rule_chunk(*args, chunk_size=chunk_size)
         if backend == "triton":
@@ -255,6 +265,41 @@ def _recurrent(q, k, v, beta, scale, initial_state, output_final_state, cu_seqle
     (q, k, v, beta), index = pack_to_padded((q, k, v, beta), offsets)
     o, state = _recurrent_batch(q, k, v, beta, scale, initial_state, output_final_state)
     return o.flatten(0, 1)[index].unsqueeze(0), state
+
+
+def _recurrent_scan(q, k, v, beta, scale, initial_state, output_final_state):
+    """The step-by-step definition as one `scan` over time (torch's higher-order op): what `auto` runs under
+    `torch.onnx.export`, which turns it into an ONNX Scan node. The same step as `_recurrent_batch`, which loops in
+    Python instead (a graph can unroll that loop only for a fixed length)."""
+    from torch._higher_order_ops.scan import scan
+
+    batch, _, heads, key_dim = k.shape
+    dtype = state_dtype_for(q, k, v)
+    if initial_state is None:
+        state = torch.zeros(batch, heads, key_dim, v.shape[-1], dtype=dtype, device=k.device)
+    else:
+        state = initial_state.detach().to(dtype)
+    is_delta = beta is not None
+    beta = beta if is_delta else torch.ones_like(k[..., 0])  # (a placeholder the sum rule's step does not read)
+
+    def step(state, token):
+        # Products and sums rather than einsum: einsum's decomposition into bmm inside a Scan body with a dynamic
+        # batch size fails in torch.onnx's decomposition pass (torch 2.13).
+        q_t, k_t, v_t, beta_t = token
+        write = v_t
+        if is_delta:
+            write = beta_t[..., None] * (v_t - (k_t[..., :, None] * state).sum(-2))
+        state = state + k_t[..., :, None] * write[..., None, :]
+        return state, (q_t[..., :, None] * state).sum(-2)
+
+    # Time first, and fresh copies: the scan checks its inputs for overlap, which it cannot decide for views with
+    # symbolic strides (the short convolution's output); detached: ONNX is for inference, and the scan's autograd
+    # form fails in torch.onnx's type-promotion pass (torch 2.13).
+    tokens = [x.detach().to(dtype).transpose(0, 1).clone(memory_format=torch.contiguous_format)
+              for x in (q, k, v, beta)]
+    state, o = scan(step, state, tokens)
+    # (scaled outside the body: torch.onnx's type-promotion pass fails on a Python number inside a Scan body)
+    return (scale * o.transpose(0, 1)).to(v.dtype), (state if output_final_state else None)
 
 
 def _recurrent_batch(q, k, v, beta, scale, initial_state, output_final_state):

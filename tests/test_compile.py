@@ -133,8 +133,8 @@ def export(model, padded):
 
 
 def operators(program):
-    """Every call target of an exported program, its nested graphs included: the layers' fp32 fast-weight block
-    runs under a local autocast, which export keeps as a `wrap_with_autocast` node holding its own graph."""
+    """Every call target of an exported program, its nested graphs included: exported under autocast, the update
+    rule runs in a local autocast-off region, which export keeps as a `wrap_with_autocast` node with its own graph."""
     return [str(node.target) for module in program.graph_module.modules() if isinstance(module, torch.fx.GraphModule)
             for node in module.graph.nodes if node.op == "call_function"]
 
