@@ -16,9 +16,6 @@ Per chunk of C tokens (rows of Q, K, V; S0 = state entering the chunk):
 The sum rule is the same with U~ = V (no W).  The backward mirrors it (see _ChunkRule.backward): recompute
 W, U, L^-1 and the chunk states, run the state gradient backwards over chunks, then per-chunk gradients.
 
-For a few long sequences, ops_triton_segments.py (opt-in) cuts each into segments of chunks and runs these
-kernels over the segments in parallel, joined by a short scan over the segments' affine state maps.
-
 Kernels tile K into at most 4 register blocks (K <= 512) and V over the grid.  Everything also runs under
 TRITON_INTERPRET=1 on CPU (that is how CI tests it).  This module raises ImportError without triton.
 """
@@ -42,8 +39,7 @@ __all__ = ["delta_rule_triton", "sum_rule_triton"]
 
 # Block-size overrides, for tests (to reach the multi-block code paths at tiny shapes) and for the
 # benchmark's sweeps.  Keys: "BK_state", "BV_state" (sequential kernels), "BK", "BV" (parallel kernels),
-# "fused_output" (bool), "warps_state", "stages_state", "warps", "recurrent_max_len"; "segmented" (bool),
-# "segment_chunks", "BV_scan" and "warps_scan" for ops_triton_segments.
+# "fused_output" (bool), "warps_state", "stages_state", "warps", "recurrent_max_len".
 TUNE: dict = {}
 
 MAX_K = 512
@@ -487,10 +483,9 @@ def _state_bwd_kernel(q, k, w, do, dh, dvnew, dht, dh0, cu_seqlens, chunk_offset
                       H, K, V, BT: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, NKB: tl.constexpr,
                       IS_DELTA: tl.constexpr, IS_VARLEN: tl.constexpr, USE_DHT: tl.constexpr,
-                      STORE_DH0: tl.constexpr, STORE_DH: tl.constexpr, PREC: tl.constexpr):
+                      STORE_DH0: tl.constexpr, PREC: tl.constexpr):
     """Reverse over chunks: dS holds the gradient of the state leaving the chunk.  Per chunk it stores dS,
-    dU~ = scale tril(Q K^T)^T dO + K dS, then dS += scale Q^T dO - W^T dU~ (delta) / scale Q^T dO (sum).
-    Without STORE_DH only the gradient of the initial state comes out (ops_triton_segments needs just that)."""
+    dU~ = scale tril(Q K^T)^T dO + K dS, then dS += scale Q^T dO - W^T dU~ (delta) / scale Q^T dO (sum)."""
     i_v = tl.program_id(0)
     i_n, i_h, bos, eos, g0 = _seq_of_program(cu_seqlens, chunk_offsets, tl.program_id(1), T, H, BT, IS_VARLEN)
     dt = k.dtype.element_ty
@@ -514,8 +509,7 @@ def _state_bwd_kernel(q, k, w, do, dh, dvnew, dht, dh0, cu_seqlens, chunk_offset
         c = nch - 1 - cc
         rows = bos + c * BT + r
         mrow = rows < eos
-        if STORE_DH:
-            _st_state_blocks(dh, d0, d1, d2, d3, g0 + c, i_h, H, K, V, v0, BK, BV, NKB)
+        _st_state_blocks(dh, d0, d1, d2, d3, g0 + c, i_h, H, K, V, v0, BK, BV, NKB)
         dot_ = _ld_tok(do, rows, mrow, i_h, H, V, v0, BV)
         q0 = _ld_tok(q, rows, mrow, i_h, H, K, 0, BK)
         k0 = _ld_tok(k, rows, mrow, i_h, H, K, 0, BK)
@@ -538,8 +532,7 @@ def _state_bwd_kernel(q, k, w, do, dh, dvnew, dht, dh0, cu_seqlens, chunk_offset
             dvn += tl.dot(k3, d3.to(dt), input_precision=PREC)
         pt = tl.trans(tl.where(causal, qk * scale, 0.0)).to(dt)
         dvn += tl.dot(pt, dot_, input_precision=PREC)
-        if STORE_DH:
-            _st_tok(dvnew, dvn, rows, mrow, i_h, H, V, v0, BV)
+        _st_tok(dvnew, dvn, rows, mrow, i_h, H, V, v0, BV)
         dvn_dt = dvn.to(dt)
         d0 += scale * tl.dot(tl.trans(q0), dot_, input_precision=PREC)
         if IS_DELTA:
@@ -862,12 +855,11 @@ def _state_fwd(p: _Plan, q, k, w, u, scale, h0, want_ht, store_h, write_o, is_de
     return o, h, (vnew if is_delta else u), ht
 
 
-def _forward(p: _Plan, q, k, v, beta, scale, h0, want_ht, is_delta, keep_linv=False, wy=None):
-    """Returns o, the final state (or None) and L^-1 when keep_linv (the backward then skips the inversion).
-    wy: (W, U, L^-1 or None) already made by the caller."""
+def _forward(p: _Plan, q, k, v, beta, scale, h0, want_ht, is_delta, keep_linv=False):
+    """Returns o, the final state (or None) and L^-1 when keep_linv (the backward then skips the inversion)."""
     linv = None
     if is_delta:
-        w, u, linv = wy if wy is not None else _wy_fwd(p, k, v, beta, store_linv=keep_linv)
+        w, u, linv = _wy_fwd(p, k, v, beta, store_linv=keep_linv)
         linv = linv if keep_linv else None
     else:
         w, u = None, v
@@ -890,12 +882,11 @@ def _wu(p: _Plan, k, v, beta, linv):
     return w, u
 
 
-def _backward(p: _Plan, q, k, v, beta, scale, h0, do, dht, is_delta, linv=None, wu=None):
-    """wu: (W, U) already made from linv by the caller."""
+def _backward(p: _Plan, q, k, v, beta, scale, h0, do, dht, is_delta, linv=None):
     if is_delta and linv is None:
         w, u, linv = _wy_fwd(p, k, v, beta, store_linv=True)
     elif is_delta:
-        w, u = wu if wu is not None else _wu(p, k, v, beta, linv)
+        w, u = _wu(p, k, v, beta, linv)
     else:
         w, u, linv = None, v, None
     _, h, vnew, _ = _state_fwd(p, q, k, w, u, scale, h0, False, store_h=True, write_o=False,
@@ -905,8 +896,8 @@ def _backward(p: _Plan, q, k, v, beta, scale, h0, do, dht, is_delta, linv=None, 
     dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None else None
     args = (q, k, w if is_delta else q, do, dh, dvnew, dht if dht is not None else do,
             dh0 if dh0 is not None else do, p.cu, p.chunk_offsets, p.T, scale, p.NHB)
-    flags = dict(IS_DELTA=is_delta, USE_DHT=dht is not None, STORE_DH0=dh0 is not None, STORE_DH=True)
-    p.run_seq(_state_bwd_kernel, args, flags, ("IS_DELTA", "STORE_DH"), wide=True)
+    flags = dict(IS_DELTA=is_delta, USE_DHT=dht is not None, STORE_DH0=dh0 is not None)
+    p.run_seq(_state_bwd_kernel, args, flags, ("IS_DELTA",), wide=True)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k, dtype=torch.float32) if is_delta else torch.empty_like(k)
     dw = torch.empty_like(k) if is_delta else dk
@@ -1007,10 +998,6 @@ def _run(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, ch
     max_len = TUNE.get("recurrent_max_len", 16)
     if not needs_grad and q.shape[0] * q.shape[1] <= max_len * max(n_seq, 1):
         return _recurrent(q, k, v, beta, scale, h0, output_final_state, cu_seqlens, is_delta)
-    from .ops_triton_segments import _SegmentedRule, use_segments
-
-    if use_segments(q.shape[0], q.shape[1], q.shape[2], q.shape[3], cu_seqlens, chunk_size):
-        return _SegmentedRule.apply(q, k, v, beta, scale, h0, output_final_state, cu_seqlens, chunk_size, is_delta)
     return _ChunkRule.apply(q, k, v, beta, scale, h0, output_final_state, cu_seqlens, chunk_size, is_delta)
 
 

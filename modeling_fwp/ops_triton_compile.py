@@ -4,8 +4,7 @@
 token-by-token and the chunkwise kernels), which a graph cannot trace. Under torch.compile it calls `rule_op`
 instead: one opaque operator for the forward and one for the backward, each running the same host code and kernels
 as the eager path (`_forward`, `_backward`), with fake implementations that give the tracer the output shapes. The
-forward returns L^-1 for the backward (empty when no gradient is wanted), as `_ChunkRule` keeps it. The opt-in
-segmented state pass (FWP_TRITON_SEGMENTED) is eager-only: with gradients a graph runs the chunkwise kernels.
+forward returns L^-1 for the backward (empty when no gradient is wanted), as `_ChunkRule` keeps it.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ def _or_empty(x, like):
 def _rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor | None, h0: torch.Tensor | None,
           cu_seqlens: torch.Tensor | None, scale: float, want_ht: bool, chunk_size: int, is_delta: bool,
           grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if not grad:  # the eager pick: token-by-token kernel for short sequences, else chunkwise (or segmented)
+    if not grad:  # the eager pick: token-by-token kernel for short sequences, else chunkwise
         o, ht = _run(q, k, v, beta, scale, h0, want_ht, cu_seqlens, chunk_size, is_delta)
         return o, _or_empty(ht, q), q.new_empty(0)
     plan = _Plan(q, v, cu_seqlens, chunk_size)

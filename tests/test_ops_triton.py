@@ -22,7 +22,6 @@ TOL = 1e-4  # fp32 kernels vs float64: relative norm of the difference
 # which takes the token-by-token kernel when sequences are short); tune: block-size overrides that reach
 # the multi-block code paths at tiny sizes; fused: output inside the sequential kernel or a separate one.
 _BLOCKS = dict(BK_state=16, BV_state=16, BK=16, BV=16)
-_SEGMENTS = dict(segmented=True, segment_chunks=2)
 CASES = {
     "delta_T1": dict(B=2, T=1, H=2, K=16, V=16, C=16, rule="delta", h0=True),
     "delta_T63_C16": dict(B=1, T=63, H=2, K=16, V=32, C=16, rule="delta", h0=False),
@@ -37,16 +36,6 @@ CASES = {
                                cu=[0, 0, 33, 70], fused=True),
     "delta_blocks_2x2": dict(B=1, T=40, H=2, K=32, V=32, C=16, rule="delta", h0=True, tune=_BLOCKS),
     "delta_blocks_4": dict(B=1, T=20, H=1, K=64, V=16, C=16, rule="delta", h0=True, tune=_BLOCKS, fused=True),
-    # ops_triton_segments (opt-in): segments of 2 chunks, so several per sequence, cut mid-sequence
-    "segmented_delta": dict(B=1, T=100, H=2, K=16, V=32, C=16, rule="delta", h0=True, tune=_SEGMENTS),
-    "segmented_delta_B2_noh0": dict(B=2, T=70, H=2, K=16, V=16, C=16, rule="delta", h0=False, tune=_SEGMENTS),
-    "segmented_varlen_empty_seq": dict(B=1, T=150, H=2, K=16, V=32, C=16, rule="delta", h0=True,
-                                       cu=[0, 5, 5, 100, 150], tune=_SEGMENTS),
-    "segmented_K_ne_V_odd": dict(B=1, T=100, H=1, K=24, V=40, C=16, rule="delta", h0=True,
-                                 tune=dict(_SEGMENTS, BV=16, BV_state=16)),
-    "segmented_sum": dict(B=1, T=100, H=2, K=16, V=16, C=16, rule="sum", h0=True, tune=_SEGMENTS),
-    "segmented_nograd": dict(B=1, T=100, H=2, K=16, V=16, C=16, rule="delta", h0=True, grad=False,
-                             tune=_SEGMENTS),
     "sum_T1": dict(B=2, T=1, H=2, K=16, V=16, C=16, rule="sum", h0=True),
     "sum_T65_C32": dict(B=2, T=65, H=2, K=16, V=32, C=32, rule="sum", h0=True),
     "sum_T130_C64_fused": dict(B=1, T=130, H=2, K=32, V=16, C=64, rule="sum", h0=False, fused=True),
@@ -221,10 +210,6 @@ CUDA_CASES = {
     "delta_K512_fused": dict(B=1, T=130, H=2, K=512, V=64, C=32, rule="delta", h0=True, fused=True),
     "delta_varlen": dict(B=1, T=300, H=4, K=64, V=64, C=64, rule="delta", h0=True, cu=[0, 100, 100, 229, 300]),
     "delta_decode": dict(B=3, T=4, H=4, K=128, V=64, C=64, rule="delta", h0=True, grad=False),
-    "delta_segmented": dict(B=1, T=4096, H=2, K=64, V=64, C=64, rule="delta", h0=True,
-                            tune=dict(segmented=True, segment_chunks=8)),
-    "delta_segmented_varlen": dict(B=1, T=3000, H=2, K=128, V=64, C=64, rule="delta", h0=True,
-                                   cu=[0, 700, 700, 2900, 3000], tune=dict(segmented=True, segment_chunks=4)),
     "sum_K64": dict(B=2, T=300, H=4, K=64, V=64, C=64, rule="sum", h0=True),
     "sum_K256": dict(B=1, T=200, H=2, K=256, V=64, C=64, rule="sum", h0=True, fused=True),
 }
@@ -242,7 +227,7 @@ def test_cuda_fp32_matches_float64_loop(name):
 
 
 @cuda
-@pytest.mark.parametrize("name", ["delta_K64", "delta_K256_V128", "sum_K64", "delta_varlen", "delta_segmented"])
+@pytest.mark.parametrize("name", ["delta_K64", "delta_K256_V128", "sum_K64", "delta_varlen"])
 def test_cuda_bf16_close_to_float64_loop(name):
     _assert_small(name, run_case(CUDA_CASES[name], seed=2, device="cuda", dtype=torch.bfloat16), 3e-2,
                   CUDA_CASES[name])
