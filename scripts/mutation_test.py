@@ -317,7 +317,7 @@ MUTATIONS = [
               "tests/test_generation.py::test_multi_turn_continuation_of_a_left_padded_batch"),
              "the pre-5.23 chunked-prefill workaround applied to releases that do not need it"),
     # ------------------------------------------------------------- Triton kernels, through the interpreter tests
-    Mutation("triton_state_fwd_causal_without_diagonal", "modeling_fwp/ops_triton.py",
+    Mutation("triton_state_fwd_causal_without_diagonal", "modeling_fwp/ops_triton_forward.py",
              "    causal = r[:, None] >= r[None, :]\n    s0 = tl.zeros",
              "    causal = r[:, None] > r[None, :]\n    s0 = tl.zeros",
              ("tests/test_ops_triton.py::test_interpreter_matches_float64_loop",),
@@ -393,7 +393,7 @@ MUTATIONS = [
              "    unknown = [key for key in kwargs if key not in TRANSFORMERS_KEYWORDS]\n", "    unknown = []\n",
              ("tests/test_bad_input.py::test_a_misspelled_keyword_is_refused",),
              "a misspelt keyword (atention_mask=) is swallowed by **kwargs and the model runs without it"),
-    Mutation("fp32_triton_dots_in_tf32", "modeling_fwp/ops_triton.py",
+    Mutation("fp32_triton_dots_in_tf32", "modeling_fwp/ops_triton_launch.py",
              'self.prec = "ieee" if v.dtype == torch.float32 else "tf32"', 'self.prec = "tf32"',
              ("tests/test_triton_precision.py",),
              "the fp32 Triton path asks for tf32 dot products (errors near 1e-3 on a GPU)"),

@@ -1,4 +1,4 @@
-"""Triton kernels (modeling_fwp/ops_triton.py) against a float64 per-token loop.
+"""Triton kernels (modeling_fwp/ops_triton*.py) against a float64 per-token loop.
 
 On CPU the kernels run under Triton's interpreter.  TRITON_INTERPRET=1 must be set before triton is first
 imported, and another test file may already have imported triton in this pytest process, so all CPU cases
@@ -69,12 +69,12 @@ def _inputs(B, T, H, K, V, N, h0, dtype, device, gen):
 
 def run_case(spec, seed=0, device="cpu", dtype=torch.float32):
     """Relative errors of o, final state and every gradient against the float64 reference."""
-    from modeling_fwp import ops_triton
+    from modeling_fwp import ops_triton, ops_triton_launch
 
-    ops_triton.TUNE.clear()
-    ops_triton.TUNE.update(spec.get("tune", {}))
+    ops_triton_launch.TUNE.clear()
+    ops_triton_launch.TUNE.update(spec.get("tune", {}))
     if "fused" in spec:
-        ops_triton.TUNE["fused_output"] = spec["fused"]
+        ops_triton_launch.TUNE["fused_output"] = spec["fused"]
     gen = torch.Generator().manual_seed(seed)
     B, T, H, K, V, C, rule = (spec[x] for x in ("B", "T", "H", "K", "V", "C", "rule"))
     cu = spec.get("cu")
@@ -95,7 +95,7 @@ def run_case(spec, seed=0, device="cpu", dtype=torch.float32):
             o, ht = ops_triton.delta_rule_triton(q, k, v, beta, scale, s0, True, cut, C)
         else:
             o, ht = ops_triton.sum_rule_triton(q, k, v, scale, s0, True, cut, C)
-    ops_triton.TUNE.clear()
+    ops_triton_launch.TUNE.clear()
     ref_leaves = {n: t.detach().double().requires_grad_(grad) for n, t in leaves.items()}
     with torch.set_grad_enabled(grad):
         ro, rh = reference(ref_leaves["q"], ref_leaves["k"], ref_leaves["v"], ref_leaves.get("beta"), scale,
@@ -177,7 +177,7 @@ def test_first_autotuned_launch_says_why_it_is_slow(monkeypatch):
     like a hang); later new shapes do not repeat it. triton.autotune is replaced: no kernel runs here."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    from modeling_fwp import ops_triton
+    from modeling_fwp import ops_triton_launch
 
     launched = []
 
@@ -188,13 +188,13 @@ def test_first_autotuned_launch_says_why_it_is_slow(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launched.append(self.kernel)
 
-    monkeypatch.setattr(ops_triton.triton, "autotune", lambda configs, key, **extra: Tuned)
-    monkeypatch.setattr(ops_triton, "_TUNED", {})
-    monkeypatch.setattr(ops_triton, "_announced", False)
-    configs = ops_triton._cfgs([(4, 2)])
+    monkeypatch.setattr(ops_triton_launch.triton, "autotune", lambda configs, key, **extra: Tuned)
+    monkeypatch.setattr(ops_triton_launch, "_TUNED", {})
+    monkeypatch.setattr(ops_triton_launch, "_announced", False)
+    configs = ops_triton_launch._cfgs([(4, 2)])
     with pytest.warns(UserWarning, match="FWP_TRITON_AUTOTUNE=0") as caught:
         for kernel in ("first", "second"):
-            ops_triton._launch(kernel, lambda meta: (1,), (), {}, configs, ("K",), {})
+            ops_triton_launch._launch(kernel, lambda meta: (1,), (), {}, configs, ("K",), {})
     assert launched == ["first", "second"]
     assert len([w for w in caught if "FWP_TRITON_AUTOTUNE" in str(w.message)]) == 1
 
