@@ -1,4 +1,4 @@
-"""Triton kernels for the delta rule and the sum rule (chunkwise WY/UT form, Yang et al. 2024).
+"""The Triton delta rule and sum rule (chunkwise WY/UT form, Yang et al. 2024): entry points, checks, kernel pick.
 
 Public entry points (same arguments as ``ops.delta_rule`` / ``ops.sum_rule`` minus ``backend``):
 
