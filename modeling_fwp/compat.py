@@ -25,6 +25,13 @@ def output_cache(output):
     return getattr(output, CACHE_NAME, None)
 
 
+def resolve_cache_argument(cache, past_key_values):
+    """The cache passed as `cache` (transformers >= 5.24) or `past_key_values` (the older name)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the FWPCache as `cache` or as `past_key_values`, not both.")
+    return cache if cache is not None else past_key_values
+
+
 def enable_activation_checkpointing(model, **kwargs):
     """`activation_checkpointing_enable` where transformers has it (5.24 deprecated `gradient_checkpointing_enable`),
     else the old name. Keyword arguments go to `torch.utils.checkpoint.checkpoint`."""
@@ -41,4 +48,7 @@ def activation_checkpointing_flag() -> str:
     return "--activation_checkpointing" if "activation_checkpointing" in names else "--gradient_checkpointing"
 
 
-__all__ = ["CACHE_NAME", "CHUNKED_PREFILL_REFEEDS_HISTORY", "activation_checkpointing_flag", "enable_activation_checkpointing", "output_cache"]
+__all__ = [
+    "CACHE_NAME", "CHUNKED_PREFILL_REFEEDS_HISTORY", "activation_checkpointing_flag", "enable_activation_checkpointing",
+    "output_cache", "resolve_cache_argument",
+]

@@ -35,7 +35,7 @@ import os
 
 import torch
 
-from .ops_chunk import packed_sequence_count
+from .ops_common import packed_sequence_count
 
 try:  # guarded, so the model file and transformers' import check of a Hub folder work without triton
     import triton

@@ -2,15 +2,12 @@
 
 A layer turns each token into a key, a value, a query and (delta rule) a learning rate beta, maps keys and queries
 through a feature map phi, normalises them, and writes/reads a per-head fast-weight matrix with the update rule in
-`ops.py`. Padding and packed documents are handled by *unpadding*: the real tokens of all rows are laid end to end
-with `cu_seqlens` boundaries, so a pad token never reaches the fast weights, the convolution tail or the positions.
+`ops.py`. This file holds the layers (norm, short convolution, the fast weight layer, feed-forward, block) and the
+models, top to bottom. Beside it: the sequence layout and positions (`sequence_layout.py`: padding and packed
+documents are unpadded, so a pad token never reaches the fast weights, the convolution tail or the positions), the
+generation glue and captured decode step (`generation_fwp.py`), the input checks (`safeguards.py`) and the cache
+(`cache_fwp.py`).
 """
-
-import contextlib
-import inspect
-import math
-import types
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +16,18 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 
-from .cache_fwp import FWPCache, FWPStaticCache
-from .compat import CACHE_NAME, CHUNKED_PREFILL_REFEEDS_HISTORY, output_cache
+from .cache_fwp import FWPCache
+from .compat import CACHE_NAME, output_cache, resolve_cache_argument
 from .configuration_fwp import FWPConfig
-from .feature_maps import build_feature_map, normalize_qk
-from .losses import causal_lm_loss
 from .decode_triton import rule_step_
+from .feature_maps import build_feature_map, normalize_qk
+from .generation_fwp import FWPGenerationMixin
+from .losses import causal_lm_loss
 from .ops import delta_rule, sum_rule
-from .safeguards import check_attention_mask, check_keywords, file_stamps, give_umask_modes, warn_non_finite_weights
+from .safeguards import (check_attention_mask, check_inputs, check_keywords, file_stamps, give_umask_modes,
+                         is_plain_linear, warn_non_finite_weights)
+from .sequence_layout import (SequenceLayout, add_sinusoidal_positions, build_layout, cu_seqlens_from_position_ids,
+                              rotary_embed, use_masked_layout)
 
 try:
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -68,184 +69,6 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Sequence layout: padded batch rows or packed documents, unpadded into one stream with boundaries
-# ----------------------------------------------------------------------------------------------------------------------
-@dataclass
-class SequenceLayout:
-    """How the tokens of a forward are laid out for the layers.
-
-    Either `cu_seqlens` is None and hidden states stay [B, T, D] (every row is one sequence, no padding), or the
-    real tokens are packed into [1, total, D] with `cu_seqlens` marking the N sequences (`unpad_index` maps them back
-    to the flattened [B*T] grid). `positions` counts each token's place in its own sequence, continuing from the
-    cache; `row_tokens` is how many real tokens each of the N sequences adds in this forward. `backend`, when set,
-    overrides `config.kernel_backend` for the update rule (the captured decode step keeps to plain PyTorch ops).
-    `state_in_place` (the captured decode step: one token per row, no packing) makes the update rule write the
-    given fast-weight tensors in place (`decode_triton.rule_step_`) instead of returning new ones.
-
-    The masked layout (a padding mask, no packing; `masked_layout`) keeps [B, T, D] with no shape that depends on
-    the data: `order` [B, T] moves each row's real tokens to its first columns, in order, and its pads after them
-    (`place` is the inverse permutation, `input_mask` the mask it came from); `token_mask` marks the real tokens
-    in the moved layout. Each row is then one sequence followed by pads, and a layer makes the pads write nothing
-    (`mask_tokens`: zero keys and beta; the convolution's new tail is taken after the last real token).
-    """
-
-    batch_size: int
-    seq_len: int
-    positions: torch.Tensor
-    row_tokens: torch.Tensor
-    cu_seqlens: torch.Tensor | None = None
-    unpad_index: torch.Tensor | None = None
-    backend: str | None = None
-    state_in_place: bool = False
-    order: torch.Tensor | None = None
-    token_mask: torch.Tensor | None = None
-    place: torch.Tensor | None = None
-    input_mask: torch.Tensor | None = None
-
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
-        if self.order is not None:  # masked: each row's real tokens first, in order, then its pads
-            return x.gather(1, self.order[..., None].expand_as(x))
-        if self.unpad_index is None:
-            return x
-        return x.reshape(-1, *x.shape[2:]).index_select(0, self.unpad_index).unsqueeze(0)
-
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        if self.order is not None:  # back to the input's columns, zero at the pads (as the unpadded path gives)
-            back = x.gather(1, self.place[..., None].expand_as(x))
-            return torch.where(self.input_mask[..., None], back, torch.zeros((), dtype=x.dtype, device=x.device))
-        if self.unpad_index is None:
-            return x
-        out = x.new_zeros(self.batch_size * self.seq_len, *x.shape[2:])
-        out = out.index_copy(0, self.unpad_index, x[0])
-        return out.view(self.batch_size, self.seq_len, *x.shape[2:])
-
-    def mask_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, ...] with the pads of a masked layout set to 0 (unchanged in the other layouts)."""
-        if self.token_mask is None:
-            return x
-        mask = self.token_mask.view(*self.token_mask.shape, *([1] * (x.dim() - 2)))
-        return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def check_inputs(config, input_ids, inputs_embeds, attention_mask, cache):
-    """Refuses inputs the model would otherwise misread, naming what is wrong; returns the attention mask cut to the
-    current columns (generate() passes the mask of the whole history once the cache holds it)."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-    if cache is not None and not isinstance(cache, FWPCache):
-        raise TypeError(f"The cache must be an FWPCache (or None); got {type(cache).__name__}.")
-    if input_ids is not None:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be 2-D [batch, seq_len]; got shape {tuple(input_ids.shape)}"
-                             + (" (add the batch dimension: input_ids[None])." if input_ids.dim() == 1 else "."))
-        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must hold integer token ids; got dtype {input_ids.dtype}.")
-    elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
-        raise ValueError(f"inputs_embeds must be [batch, seq_len, hidden_size={config.hidden_size}]; got shape "
-                         f"{tuple(inputs_embeds.shape)}.")
-    batch_size, seq_len = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
-    if batch_size == 0 or seq_len == 0:
-        raise ValueError(f"The input is empty (batch {batch_size}, seq_len {seq_len}): pass at least one token.")
-    if input_ids is not None and not torch.compiler.is_compiling():
-        low, high = torch.aminmax(input_ids)
-        if int(low) < 0 or int(high) >= config.vocab_size:
-            bad = int(low) if int(low) < 0 else int(high)
-            raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, vocab_size={config.vocab_size}).")
-    if cache is not None:
-        cache.check_compatible(config)
-    if attention_mask is None:
-        return None
-    past = 0 if cache is None else cache.get_seq_length()
-    longest = seq_len + past  # the whole history, as generate() passes it
-    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or not (
-            seq_len <= attention_mask.shape[1] <= longest):
-        allowed = f"[{batch_size}, {seq_len}]" + (f" (up to [{batch_size}, {longest}] with the history the cache "
-                                                  "holds)" if past else "")
-        raise ValueError(f"attention_mask must be a 2-D 0/1 mask of shape {allowed} for this input; got shape "
-                         f"{tuple(attention_mask.shape)}.")
-    return attention_mask[:, -seq_len:]
-
-
-def resolve_cache_argument(cache, past_key_values):
-    """The cache passed as `cache` (transformers >= 5.24) or `past_key_values` (the older name)."""
-    if cache is not None and past_key_values is not None:
-        raise ValueError("Pass the FWPCache as `cache` or as `past_key_values`, not both.")
-    return cache if cache is not None else past_key_values
-
-
-def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """Packed documents in one row (DataCollatorWithFlattening): a new document starts wherever the position does not
-    continue the previous one. Returns None for a single document."""
-    pos = position_ids[0]
-    starts = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
-    if starts.numel() == 0:
-        return None
-    bounds = [torch.zeros(1, dtype=starts.dtype, device=pos.device), starts,
-              torch.tensor([pos.numel()], dtype=starts.dtype, device=pos.device)]
-    return torch.cat(bounds).to(torch.int32)
-
-
-def build_layout(batch_size, seq_len, device, attention_mask=None, cu_seqlens=None, position_ids=None,
-                 past_row_tokens=None, masked=False) -> SequenceLayout:
-    """`masked`: a padding mask gives `masked_layout` (fixed shapes) instead of unpadding into cu_seqlens."""
-    if cu_seqlens is None and position_ids is not None and batch_size == 1 and attention_mask is None and seq_len > 1:
-        cu_seqlens = cu_seqlens_from_position_ids(position_ids)
-    if cu_seqlens is not None:
-        if batch_size != 1:
-            raise ValueError(f"cu_seqlens (packed documents) needs a batch of one row; got batch size {batch_size}.")
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("Pass either cu_seqlens (packed documents) or a padding attention_mask, not both.")
-        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != seq_len or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError(f"cu_seqlens must rise from 0 to the sequence length {seq_len}; got {cu_seqlens.tolist()}.")
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        seq_index = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
-        offsets = torch.arange(seq_len, device=device) - cu_seqlens[:-1].long()[seq_index]
-        past = 0 if past_row_tokens is None else past_row_tokens.to(device)[seq_index]
-        positions = (offsets + past).unsqueeze(0)
-        return SequenceLayout(1, seq_len, positions, lengths, cu_seqlens=cu_seqlens,
-                              unpad_index=torch.arange(seq_len, device=device))
-
-    past = torch.zeros(batch_size, dtype=torch.long, device=device) if past_row_tokens is None else past_row_tokens.to(device)
-    if attention_mask is not None and masked:
-        return masked_layout(attention_mask.to(device).bool(), past)
-    if attention_mask is None or bool(attention_mask.all()):
-        positions = past[:, None] + torch.arange(seq_len, device=device)[None]
-        row_tokens = torch.full((batch_size,), seq_len, dtype=torch.long, device=device)
-        return SequenceLayout(batch_size, seq_len, positions, row_tokens)
-
-    mask = attention_mask.to(device).bool()
-    row_tokens = mask.sum(dim=1)
-    cu = torch.zeros(batch_size + 1, dtype=torch.int32, device=device)
-    cu[1:] = torch.cumsum(row_tokens, 0)
-    unpad_index = torch.nonzero(mask.flatten()).flatten()
-    positions = (past[:, None] + torch.cumsum(mask.long(), dim=1) - 1).flatten()[unpad_index].unsqueeze(0)
-    return SequenceLayout(batch_size, seq_len, positions, row_tokens, cu_seqlens=cu, unpad_index=unpad_index)
-
-
-def use_masked_layout(attention_mask: torch.Tensor) -> bool:
-    """Whether a padded batch (not packed) runs in `masked_layout` rather than unpadded into cu_seqlens. Both are
-    exact. Under torch.compile / torch.export always: the unpadded layout's sizes depend on the data."""
-    return torch.compiler.is_compiling()
-
-
-def masked_layout(mask: torch.Tensor, past: torch.Tensor) -> SequenceLayout:
-    """The layout of a padded batch that keeps every shape fixed (no host sync, nothing sized by the data), for
-    torch.compile and torch.export: any 0/1 `mask` [B, T] (left, right or inner padding), `past` [B] the tokens
-    each row has in the cache. A token's column in the moved layout is its rank among its row's real tokens, or
-    the row's real-token count plus its rank among the pads: a stable permutation built with cumulative sums."""
-    batch_size, seq_len = mask.shape
-    real = mask.long()
-    row_tokens = real.sum(dim=1)
-    place = torch.where(mask, real.cumsum(1) - 1, row_tokens[:, None] + (1 - real).cumsum(1) - 1)
-    columns = torch.arange(seq_len, device=mask.device)
-    order = torch.empty_like(place).scatter_(1, place, columns.expand_as(place).contiguous())
-    positions = past[:, None] + columns[None]
-    return SequenceLayout(batch_size, seq_len, positions, row_tokens, order=order,
-                          token_mask=columns[None] < row_tokens[:, None], place=place, input_mask=mask)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Small modules
 # ----------------------------------------------------------------------------------------------------------------------
 class FWPRMSNorm(nn.Module):
@@ -268,31 +91,6 @@ class FWPRMSNorm(nn.Module):
         x32 = x.to(dtype)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight.to(dtype) * x32).to(out_dtype)
-
-
-def rotary_embed(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotates pairs (i, i + d/2) of x [b, t, H, d] by angles positions * theta^(-2i/d), computed in fp32."""
-    dim, dtype = x.shape[-1], torch.promote_types(x.dtype, torch.float32)
-    inv_freq = theta ** (-torch.arange(0, dim, 2, device=x.device, dtype=dtype) / dim)
-    angles = positions.to(dtype)[..., None] * inv_freq  # [b, t, d/2]
-    cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
-    x1, x2 = x.to(dtype).chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
-def add_sinusoidal_positions(hidden: torch.Tensor, positions: torch.Tensor, config: FWPConfig) -> torch.Tensor:
-    """The absolute positions of position_embedding="sinusoidal", added to the embeddings (others: unchanged)."""
-    if config.position_embedding != "sinusoidal":
-        return hidden
-    return hidden + sinusoidal_embedding(positions, config.hidden_size, config.rope_theta, hidden.dtype).to(hidden.dtype)
-
-
-def sinusoidal_embedding(positions: torch.Tensor, dim: int, theta: float, dtype=torch.float32) -> torch.Tensor:
-    """[sin, cos] of positions * theta^(-2i/dim), computed in (at least) fp32."""
-    dtype = torch.promote_types(dtype, torch.float32)
-    inv_freq = theta ** (-torch.arange(0, dim, 2, device=positions.device, dtype=dtype) / dim)
-    angles = positions.to(dtype)[..., None] * inv_freq
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
 class ShortConvolution(nn.Module):
@@ -378,12 +176,6 @@ def _tail_after(x, tail, row_tokens, width):
 # ----------------------------------------------------------------------------------------------------------------------
 # The fast weight layer
 # ----------------------------------------------------------------------------------------------------------------------
-def _plain_linear(module) -> bool:
-    """A bias-free nn.Linear that nothing wraps, hooks or reparametrises: its output is x @ weight^T exactly."""
-    return (type(module) is nn.Linear and module.bias is None and not module._forward_hooks
-            and not module._forward_pre_hooks and not hasattr(module, "parametrizations"))
-
-
 class FWPAttention(nn.Module):
     """One fast weight programmer layer: the slow projections program the per-head fast weights with the update rule
     (delta or sum), and the queries read them. Replaces softmax attention; its state has a fixed size."""
@@ -539,7 +331,7 @@ class FWPFeedForward(nn.Module):
         silu(gate) * up in the backward instead of keeping it (the largest activation of the layer). Only where
         that is exactly `down_proj(dropout(hidden))`: a plain down_proj (not wrapped by PEFT, not hooked) and no
         active dropout."""
-        return (torch.is_grad_enabled() and _plain_linear(self.down_proj)
+        return (torch.is_grad_enabled() and is_plain_linear(self.down_proj)
                 and not (self.dropout.p > 0 and self.training))
 
 
@@ -761,27 +553,7 @@ class FWPModel(FWPPreTrainedModel):
         )
 
 
-def _guards_checked_once(first_step: bool):
-    """dynamo checks ~2000 guards (every module and parameter the step touches) before each call of the captured
-    step: most of its host time per token. Within one generate() nothing they check can change (the same model, the
-    same cache buffers, one token per row), so the first step of each generate() runs them all and the later ones
-    only what tells the cached graphs apart (the batch size). Where torch lacks the option, every step checks all."""
-    if first_step or not _SKIP_GUARDS_SUPPORTED:
-        return contextlib.nullcontext()
-    return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-
-
-def _set_stance_can_skip_guards() -> bool:
-    try:  # torch >= 2.7
-        return "skip_guard_eval_unsafe" in inspect.signature(torch.compiler.set_stance).parameters
-    except (AttributeError, TypeError, ValueError):
-        return False
-
-
-_SKIP_GUARDS_SUPPORTED = _set_stance_can_skip_guards()
-
-
-class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
+class FWPForCausalLM(FWPGenerationMixin, FWPPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _can_compile_fullgraph = True  # the decode step over an FWPStaticCache (get_compiled_call)
 
@@ -808,171 +580,6 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
         except ImportError:  # loaded as remote code without the package: transformers' own card
             return super().push_to_hub(repo_id, **kwargs)
         return push_to_hub_with_card(self, repo_id, card_kwargs=card_kwargs, **kwargs)
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        # generate() gets an FWPCache from the start (never a DynamicCache), so chunked prefill has a cache to fill.
-        # It goes under the name the installed transformers passes to forward (`cache` from 5.24 on).
-        # "static" gives an FWPStaticCache, whose decode steps get_compiled_call captures.
-        implementation = generation_config.cache_implementation
-        if implementation not in (None, "dynamic", "static"):
-            raise ValueError(
-                f"cache_implementation={implementation!r} is not supported by FWP models: their state is a fixed-size "
-                "FWPCache. Use None / 'dynamic' (the default) or 'static' (captured decode steps)."
-            )
-        self._joint_weights_checked = False  # weights may have changed since the last generate(): check once now
-        other_name = "past_key_values" if CACHE_NAME == "cache" else "cache"
-        if model_kwargs.get(other_name) is not None:  # a user's cache under the other release's name
-            model_kwargs[CACHE_NAME] = resolve_cache_argument(model_kwargs.get(CACHE_NAME), model_kwargs.pop(other_name))
-        if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
-            if implementation == "static":
-                batch_size = args[1] if len(args) > 1 else kwargs["batch_size"]
-                rows = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * batch_size
-                model_kwargs[CACHE_NAME] = self._static_cache(rows)
-            else:
-                model_kwargs[CACHE_NAME] = FWPCache(config=self.config)
-            return
-        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-
-    def _static_cache(self, rows: int) -> FWPStaticCache:
-        """The model's FWPStaticCache for `rows` rows, reset and reused while rows, dtype and device stay the same (as
-        transformers does with its StaticCache): the same buffers keep the captured decode step valid, so a second
-        generate() replays it instead of compiling it again."""
-        cache = getattr(self, "_reused_static_cache", None)
-        layer = None if cache is None else cache.layers[0].fast_weights
-        if layer is None or cache.batch_size != rows or layer.device != self.device or cache.model_dtype != self.dtype:
-            cache = FWPStaticCache(self.config, rows, device=self.device, dtype=self.dtype)
-            self._reused_static_cache = cache
-        else:
-            cache.reset()
-        return cache
-
-    def create_masks_for_generate(self, attention_mask=None, **kwargs):
-        """generate() asks a model with a compileable cache for 4-D causal masks (even from no mask) at every step; the
-        model reads the 2-D padding mask (pads never reach the state), so that one is passed through and none is
-        built (a 4-D prefill mask would take [batch, prompt, prompt] memory, and every decode step host time)."""
-        return attention_mask
-
-    def get_compiled_call(self, compile_config=None):
-        """What generate() calls for each decode step when the cache is compileable (an FWPStaticCache, on CUDA or
-        with a compile_config for all devices): a one-token step per row captured with torch.compile (CUDA graphs
-        with the default `mode="reduce-overhead"`) over the cache's fixed buffers. Anything else (a chunked prefill,
-        several tokens) runs the ordinary forward."""
-        compile_config = compile_config or self._default_compile_config()
-        # The fields themselves, not to_dict()'s deep copy, so a backend object (a callable) is used as given.
-        options = {name: getattr(compile_config, name) for name in ("fullgraph", "dynamic", "backend", "mode", "options")}
-        if options["dynamic"] is None:  # a cache has one batch size: a static graph per size, not one dynamic graph
-            options["dynamic"] = False  # (which dynamo would build at the second size, and inductor tune from scratch)
-        key = tuple((name, id(value) if callable(value) else repr(value)) for name, value in options.items())
-        if getattr(self, "_captured_options", None) == key:
-            return self._compiled_call
-        compiled = {}  # the compiled step, and the module hooks it was traced with
-
-        def compiled_step():
-            # dynamo does not guard on module hooks (torch._dynamo.config.skip_nnmodule_hook_guards): a hook added
-            # after the step was traced would be silently left out, so a changed set of hooks means a new trace.
-            # dynamo keeps its graphs per code object, so the new trace compiles a fresh copy of the step's code.
-            hooks = self._module_hooks()
-            if compiled.get("hooks") != hooks:
-                function = type(self)._captured_decode_step
-                if "hooks" in compiled:
-                    function = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
-                compiled.update(step=torch.compile(types.MethodType(function, self), **options), hooks=hooks)
-            return compiled["step"]
-
-        def call(input_ids=None, cache=None, past_key_values=None, inputs_embeds=None, **kwargs):
-            state = resolve_cache_argument(cache, past_key_values)
-            if not (isinstance(state, FWPStaticCache) and input_ids is not None and inputs_embeds is None
-                    and input_ids.dim() == 2 and input_ids.shape[1] == 1 and state.get_seq_length() > 0
-                    and kwargs.get("labels") is None and state.batch_size == input_ids.shape[0]
-                    and not kwargs.get("output_hidden_states")):
-                return self(input_ids=input_ids, cache=state, inputs_embeds=inputs_embeds, **kwargs)
-            # generate() feeds each row one real token per step (finished rows get pads with mask 1), so the step
-            # needs no mask; positions continue from the cache's per-row counts.
-            first_step = not getattr(self, "_joint_weights_checked", False)
-            if first_step:  # once per generate(): the checks cost host time
-                self._joint_decode_weights()
-                self._joint_weights_checked = True
-                compiled["current"] = compiled_step()
-            with _guards_checked_once(first_step):
-                logits = compiled["current"](input_ids, state.layer_tensors(), self._joint_weights[1])
-            state.advance(1)
-            # a CUDA-graph output is overwritten by the next replay: hand generate() its own copy
-            return CausalLMOutputWithPast(logits=logits.clone(), **{CACHE_NAME: state})
-
-        # the attributes transformers' own get_compiled_call keeps (its generation tests look for them)
-        self._captured_options, self._compiled_call, self._last_compile_config = key, call, compile_config
-        return call
-
-    def _module_hooks(self) -> tuple:
-        """Which forward (pre-)hooks each module has: what the captured step's trace depends on but dynamo does
-        not check."""
-        return tuple((name, tuple(map(id, module._forward_pre_hooks.values())),
-                      tuple(map(id, module._forward_hooks.values()))) for name, module in self.named_modules()
-                     if module._forward_pre_hooks or module._forward_hooks)
-
-    def _joint_decode_weights(self) -> list[tuple]:
-        """Per block, (attention, feed-forward) input-projection weights concatenated, so that a captured decode
-        step makes q, k, v, beta (and the gate) in one matmul and SwiGLU's two halves in another: at one token per
-        row each matmul costs a launch, not arithmetic. A copy of those weights (about 60 % of the blocks'
-        parameters), kept while no weight changes: checked at the first captured step of each generate() and rebuilt
-        when a parameter's address or version counter moved (an optimizer step, load_state_dict, .to()). None for a
-        block whose projections are not plain bias-free
-        nn.Linear (PEFT's LoRA layers, quantised or hooked ones), which then runs its own projections."""
-        sources = []
-        for block in self.model.layers:
-            attn, mlp = block.attn.projection_modules(), block.mlp.projection_modules()
-            sources.append(tuple([m.weight for m in group] if group and all(map(_plain_linear, group)) else None
-                                 for group in (attn, mlp)))
-        key = tuple((w.data_ptr(), w._version) for pair in sources for group in pair if group for w in group)
-        cached = getattr(self, "_joint_weights", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        self._joint_weights = None  # the old copies go before the new ones are made
-        with torch.no_grad():
-            joint = [tuple(None if group is None else torch.cat(group) for group in pair) for pair in sources]
-        for tensor in (t for pair in joint for t in pair if t is not None):
-            torch._dynamo.mark_static_address(tensor)  # fixed inputs of the captured graph, as parameters are
-        self._joint_weights = (key, joint)
-        return joint
-
-    def _captured_decode_step(self, input_ids, layer_tensors, joint_weights):
-        """One token per row from an FWPStaticCache, updating its buffers in place: no host sync and no branch on
-        data, so torch.compile(fullgraph=True) captures it whole. The maths is the forward's (the same blocks on
-        the same layout), with the update rule in its one-step form writing the fast weights in place
-        (`decode_triton.rule_step_`) and the projections from `_joint_decode_weights`."""
-        model, cfg = self.model, self.config
-        rows = layer_tensors[0][-1]  # layer 0's per-row token counts, read before the step advances them
-        layout = SequenceLayout(input_ids.shape[0], 1, positions=rows[:, None].clone(), row_tokens=torch.ones_like(rows),
-                                backend="recurrent", state_in_place=True)
-        hidden = add_sinusoidal_positions(model.embed_tokens(input_ids), layout.positions, cfg)
-        z_at, tail_at = 1, 1 + int(cfg.attention_normalization)  # where FWPLayerState.tensors() puts each part
-        for block, tensors, weights in zip(model.layers, layer_tensors, joint_weights):
-            fast_weights, row_tokens = tensors[0], tensors[-1]
-            z = tensors[z_at] if cfg.attention_normalization else None
-            conv_tail = tensors[tail_at] if cfg.use_short_conv else None
-            hidden, _, new_z, new_tail = block(hidden, layout=layout, fast_weights=fast_weights, z=z,
-                                               conv_tail=conv_tail, want_state=True, joint_weights=weights)
-            if z is not None:
-                z.copy_(new_z)
-            if conv_tail is not None:
-                conv_tail.copy_(new_tail)
-            row_tokens.add_(1)
-        if model.norm is not None:
-            hidden = model.norm(hidden)
-        return self.lm_head(hidden)
-
-    def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
-        cache = model_kwargs.get(CACHE_NAME)
-        if (CHUNKED_PREFILL_REFEEDS_HISTORY and generation_config.prefill_chunk_size is not None and cache is not None
-                and cache.get_seq_length() > 0 and model_kwargs.get("inputs_embeds") is None):
-            # Continuing from a cache, older releases chunk the whole history again: hand them the new columns only
-            # (ids and mask alike, since they cut the mask from its first column).
-            past, mask = cache.get_seq_length(), model_kwargs.get("attention_mask")
-            if mask is None or mask.shape[1] == input_ids.shape[1]:
-                input_ids = input_ids[:, past:]
-                if mask is not None:
-                    model_kwargs["attention_mask"] = mask[:, past:]
-        return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
 
     def set_output_embeddings(self, value):
         self.lm_head = value

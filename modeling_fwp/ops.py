@@ -11,7 +11,8 @@ packed sequences when `cu_seqlens` is given (then B must be 1). The state is kep
 inputs are float64); o comes back in v.dtype.
 
 Backends: "recurrent" (the loop below, the definition every other backend is tested against), "chunk" (pure
-PyTorch chunkwise form, `ops_chunk.py`), "triton" (`ops_triton.py`), "fla" (`ops_fla.py`), "auto".
+PyTorch chunkwise form, `ops_chunk.py`), "triton" (`ops_triton.py` and its kernel files), "fla" (`ops_fla.py`),
+"auto". The helpers they all share (accumulation dtype, packed-sequence bookkeeping) are in `ops_common.py`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import os
 
 import torch
 
-from .ops_chunk import check_cu_seqlens_values, delta_rule_chunk, pack_to_padded, state_dtype_for, sum_rule_chunk
+from .ops_chunk import delta_rule_chunk, sum_rule_chunk
+from .ops_common import check_cu_seqlens_values, pack_to_padded, state_dtype_for
 
 try:
     from .ops_triton import delta_rule_triton, sum_rule_triton

@@ -3,9 +3,9 @@
 `ops_triton._run` launches its kernels from Python (autotuning, cached launch plans, a host-side pick between the
 token-by-token and the chunkwise kernels), which a graph cannot trace. Under torch.compile it calls `rule_op`
 instead: one opaque operator for the forward and one for the backward, each running the same host code and kernels
-as the eager path (`_forward`, `_backward`), with fake implementations that give the tracer the output shapes. The
-forward returns L^-1 for the backward (empty when no gradient is wanted), as `_ChunkRule` keeps it. The opt-in
-segmented state pass (FWP_TRITON_SEGMENTED) is eager-only: with gradients a graph runs the chunkwise kernels.
+as the eager path (`_recurrent` or `_forward`, and `_backward`), with fake implementations that give the tracer the
+output shapes. The forward returns L^-1 for the backward (empty when no gradient is wanted), as `_ChunkRule` keeps
+it. This module imports the kernel files, not `ops_triton.py`, which imports it (lazily, when compiling).
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ import re
 
 import torch
 
-from .ops_triton import _backward, _forward, _Plan, _run, plan_chunk_size
+from .ops_triton_backward import _backward
+from .ops_triton_forward import _forward
+from .ops_triton_launch import _Plan, plan_chunk_size
+from .ops_triton_recurrent import _recurrent, _token_by_token
 
 # A library name of this module's own: the package and a trust_remote_code copy of it can be imported in one process.
 _LIBRARY = "fwp_" + re.sub(r"\W", "_", __name__)
@@ -28,11 +31,11 @@ def _or_empty(x, like):
 def _rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor | None, h0: torch.Tensor | None,
           cu_seqlens: torch.Tensor | None, scale: float, want_ht: bool, chunk_size: int, is_delta: bool,
           grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if not grad:  # the eager pick: token-by-token kernel for short sequences, else chunkwise (or segmented)
-        o, ht = _run(q, k, v, beta, scale, h0, want_ht, cu_seqlens, chunk_size, is_delta)
+    if not grad and _token_by_token(q, cu_seqlens):  # the eager pick, as in ops_triton._run
+        o, ht = _recurrent(q, k, v, beta, scale, h0, want_ht, cu_seqlens, is_delta)
         return o, _or_empty(ht, q), q.new_empty(0)
     plan = _Plan(q, v, cu_seqlens, chunk_size)
-    o, ht, linv = _forward(plan, q, k, v, beta, scale, h0, want_ht, is_delta, keep_linv=is_delta)
+    o, ht, linv = _forward(plan, q, k, v, beta, scale, h0, want_ht, is_delta, keep_linv=grad and is_delta)
     return o, _or_empty(ht, q), _or_empty(linv, q)
 
 

@@ -1,14 +1,18 @@
 """Safeguards at the model's edges against results that would otherwise be silently wrong, and files that would come
 out unreadable to others:
 
+- `check_inputs`: input ids outside the vocabulary, a mask of the wrong shape or an empty input are refused, naming
+  what is wrong, before they reach an embedding lookup or a layout;
 - `check_attention_mask`: an additive float mask (0 = attend, -inf = pad) read as a 0/1 mask inverts the padding;
+- `is_plain_linear`: a fused path (the captured decode step's joint projections, SwiGLU recomputed with its down
+  projection) would skip whatever wraps a projection (PEFT's LoRA, hooks, parametrisations): it takes plain ones;
 - `check_keywords`: a misspelt keyword (`atention_mask=`) swallowed by `**kwargs` lets the model run without it;
 - `warn_non_finite_weights`: a weights file with corrupted bytes loads without a word and every logit is NaN;
 - `give_umask_modes`: safetensors (0.8) writes its files with mode 0600, and `tempfile.mkdtemp` makes 0700 folders,
   whatever the umask; files and folders a save writes get the modes any other file gets (0644 / 0755 under 022).
 
 Imported by modeling_fwp.py, so it travels with saved model folders (remote code): torch and the standard library
-only.
+only (and the package's own cache_fwp.py).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from .cache_fwp import FWPCache
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Keywords
@@ -60,6 +67,48 @@ def check_keywords(forward, kwargs: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------------------------
+def check_inputs(config, input_ids, inputs_embeds, attention_mask, cache):
+    """Refuses inputs the model would otherwise misread, naming what is wrong; returns the attention mask cut to the
+    current columns (generate() passes the mask of the whole history once the cache holds it)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+    if cache is not None and not isinstance(cache, FWPCache):
+        raise TypeError(f"The cache must be an FWPCache (or None); got {type(cache).__name__}.")
+    if input_ids is not None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be 2-D [batch, seq_len]; got shape {tuple(input_ids.shape)}"
+                             + (" (add the batch dimension: input_ids[None])." if input_ids.dim() == 1 else "."))
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids; got dtype {input_ids.dtype}.")
+    elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+        raise ValueError(f"inputs_embeds must be [batch, seq_len, hidden_size={config.hidden_size}]; got shape "
+                         f"{tuple(inputs_embeds.shape)}.")
+    batch_size, seq_len = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+    if batch_size == 0 or seq_len == 0:
+        raise ValueError(f"The input is empty (batch {batch_size}, seq_len {seq_len}): pass at least one token.")
+    if input_ids is not None and not torch.compiler.is_compiling():
+        low, high = torch.aminmax(input_ids)
+        if int(low) < 0 or int(high) >= config.vocab_size:
+            bad = int(low) if int(low) < 0 else int(high)
+            raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, vocab_size={config.vocab_size}).")
+    if cache is not None:
+        cache.check_compatible(config)
+    if attention_mask is None:
+        return None
+    past = 0 if cache is None else cache.get_seq_length()
+    longest = seq_len + past  # the whole history, as generate() passes it
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or not (
+            seq_len <= attention_mask.shape[1] <= longest):
+        allowed = f"[{batch_size}, {seq_len}]" + (f" (up to [{batch_size}, {longest}] with the history the cache "
+                                                  "holds)" if past else "")
+        raise ValueError(f"attention_mask must be a 2-D 0/1 mask of shape {allowed} for this input; got shape "
+                         f"{tuple(attention_mask.shape)}.")
+    return attention_mask[:, -seq_len:]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The attention mask
 # ----------------------------------------------------------------------------------------------------------------------
 def check_attention_mask(attention_mask: torch.Tensor | None) -> None:
@@ -82,6 +131,15 @@ def check_attention_mask(attention_mask: torch.Tensor | None) -> None:
         raise ValueError(f"attention_mask is a floating-point mask of all 0: read as a 0/1 mask every token would be a "
                          f"pad. If it is an additive mask (no padding), {convert}; a mask of pads only is refused "
                          "for float masks (an integer or bool mask states it without doubt).")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fused paths
+# ----------------------------------------------------------------------------------------------------------------------
+def is_plain_linear(module) -> bool:
+    """A bias-free nn.Linear that nothing wraps, hooks or reparametrises: its output is x @ weight^T exactly."""
+    return (type(module) is nn.Linear and module.bias is None and not module._forward_hooks
+            and not module._forward_pre_hooks and not hasattr(module, "parametrizations"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

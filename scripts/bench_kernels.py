@@ -33,7 +33,7 @@ if "--warm" in sys.argv:
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from modeling_fwp import ops_triton  # noqa: E402
+from modeling_fwp import ops_triton, ops_triton_launch  # noqa: E402
 
 try:
     from modeling_fwp.ops import delta_rule, sum_rule  # public dispatch (backend="chunk" / "triton")
@@ -270,12 +270,6 @@ def sweep(args):
         dict(),
         dict(fused_output=True),
         dict(fused_output=False),
-        dict(segmented=True),
-        dict(segmented=True, segment_chunks=16),
-        dict(segmented=True, segment_chunks=64),
-        dict(segmented=True, BV_scan=32),
-        dict(segmented=True, warps_scan=8),
-        dict(segmented=True, segment_chunks=16, warps_scan=8),
         dict(BV_state=32),
         dict(warps_state=8),
         dict(stages_state=1),
@@ -286,8 +280,8 @@ def sweep(args):
     shapes = [s for s in selected_shapes(args) if args.sweep_k is None or s[3] in args.sweep_k]
     for (B, T, H, K, V) in shapes:
         for st in settings:
-            ops_triton.TUNE.clear()
-            ops_triton.TUNE.update(st)
+            ops_triton_launch.TUNE.clear()
+            ops_triton_launch.TUNE.update(st)
             fn = runner("triton", args.rule)
             try:
                 f = time_one(fn, B, T, H, K, V, False, "triton")
@@ -296,7 +290,7 @@ def sweep(args):
                 f = fb = f"error: {type(e).__name__}: {str(e)[:200]}"
             out.append(dict(shape=[B, T, H, K, V], tune=st, fwd=f, fwdbwd=fb))
             print(f"sweep {B}x{T} K={K} {st}: fwd {fmt(f)}  fwd+bwd {fmt(fb)}", flush=True)
-    ops_triton.TUNE.clear()
+    ops_triton_launch.TUNE.clear()
     return out
 
 
@@ -345,7 +339,7 @@ def tuned_picks(quiet=False):
     """The autotuner's pick for every (kernel, key) our kernels were tuned for in this process: the data the
     fixed launch settings (FWP_TRITON_AUTOTUNE=0) are chosen from."""
     picks = []
-    for tuned in ops_triton._TUNED.values():
+    for tuned in ops_triton_launch._TUNED.values():
         name = getattr(getattr(tuned, "fn", None), "__name__", None) or str(tuned)
         for key, cfg in getattr(tuned, "cache", {}).items():
             picks.append(dict(kernel=name, key=[str(k) for k in key], meta=dict(cfg.kwargs),

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from modeling_fwp import ops_triton  # noqa: E402
+from modeling_fwp import ops_triton_launch  # noqa: E402
 from test_ops_triton import CUDA_CASES, FP32_TOLERANCE, run_case  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("error: needs a CUDA GPU")
     rows = []
-    real_init = ops_triton._Plan.__init__
+    real_init = ops_triton_launch._Plan.__init__
 
     def tf32_init(self, *a, **k):
         real_init(self, *a, **k)
@@ -40,11 +40,11 @@ def main(argv=None):
 
     for name, spec in CUDA_CASES.items():
         fp32 = worst(run_case(spec, seed=1, device="cuda"))
-        ops_triton._Plan.__init__ = tf32_init
+        ops_triton_launch._Plan.__init__ = tf32_init
         try:
             tf32 = worst(run_case(spec, seed=1, device="cuda"))
         finally:
-            ops_triton._Plan.__init__ = real_init
+            ops_triton_launch._Plan.__init__ = real_init
         rows.append(dict(case=name, fp32_worst_rel_err=fp32, tf32_worst_rel_err=tf32,
                          caught=tf32 >= FP32_TOLERANCE > fp32))
         print(json.dumps(rows[-1]), flush=True)

@@ -1,4 +1,4 @@
-"""Triton kernels (modeling_fwp/ops_triton.py) against a float64 per-token loop.
+"""Triton kernels (modeling_fwp/ops_triton*.py) against a float64 per-token loop.
 
 On CPU the kernels run under Triton's interpreter.  TRITON_INTERPRET=1 must be set before triton is first
 imported, and another test file may already have imported triton in this pytest process, so all CPU cases
@@ -22,7 +22,6 @@ TOL = 1e-4  # fp32 kernels vs float64: relative norm of the difference
 # which takes the token-by-token kernel when sequences are short); tune: block-size overrides that reach
 # the multi-block code paths at tiny sizes; fused: output inside the sequential kernel or a separate one.
 _BLOCKS = dict(BK_state=16, BV_state=16, BK=16, BV=16)
-_SEGMENTS = dict(segmented=True, segment_chunks=2)
 CASES = {
     "delta_T1": dict(B=2, T=1, H=2, K=16, V=16, C=16, rule="delta", h0=True),
     "delta_T63_C16": dict(B=1, T=63, H=2, K=16, V=32, C=16, rule="delta", h0=False),
@@ -37,16 +36,6 @@ CASES = {
                                cu=[0, 0, 33, 70], fused=True),
     "delta_blocks_2x2": dict(B=1, T=40, H=2, K=32, V=32, C=16, rule="delta", h0=True, tune=_BLOCKS),
     "delta_blocks_4": dict(B=1, T=20, H=1, K=64, V=16, C=16, rule="delta", h0=True, tune=_BLOCKS, fused=True),
-    # ops_triton_segments (opt-in): segments of 2 chunks, so several per sequence, cut mid-sequence
-    "segmented_delta": dict(B=1, T=100, H=2, K=16, V=32, C=16, rule="delta", h0=True, tune=_SEGMENTS),
-    "segmented_delta_B2_noh0": dict(B=2, T=70, H=2, K=16, V=16, C=16, rule="delta", h0=False, tune=_SEGMENTS),
-    "segmented_varlen_empty_seq": dict(B=1, T=150, H=2, K=16, V=32, C=16, rule="delta", h0=True,
-                                       cu=[0, 5, 5, 100, 150], tune=_SEGMENTS),
-    "segmented_K_ne_V_odd": dict(B=1, T=100, H=1, K=24, V=40, C=16, rule="delta", h0=True,
-                                 tune=dict(_SEGMENTS, BV=16, BV_state=16)),
-    "segmented_sum": dict(B=1, T=100, H=2, K=16, V=16, C=16, rule="sum", h0=True, tune=_SEGMENTS),
-    "segmented_nograd": dict(B=1, T=100, H=2, K=16, V=16, C=16, rule="delta", h0=True, grad=False,
-                             tune=_SEGMENTS),
     "sum_T1": dict(B=2, T=1, H=2, K=16, V=16, C=16, rule="sum", h0=True),
     "sum_T65_C32": dict(B=2, T=65, H=2, K=16, V=32, C=32, rule="sum", h0=True),
     "sum_T130_C64_fused": dict(B=1, T=130, H=2, K=32, V=16, C=64, rule="sum", h0=False, fused=True),
@@ -80,12 +69,12 @@ def _inputs(B, T, H, K, V, N, h0, dtype, device, gen):
 
 def run_case(spec, seed=0, device="cpu", dtype=torch.float32):
     """Relative errors of o, final state and every gradient against the float64 reference."""
-    from modeling_fwp import ops_triton
+    from modeling_fwp import ops_triton, ops_triton_launch
 
-    ops_triton.TUNE.clear()
-    ops_triton.TUNE.update(spec.get("tune", {}))
+    ops_triton_launch.TUNE.clear()
+    ops_triton_launch.TUNE.update(spec.get("tune", {}))
     if "fused" in spec:
-        ops_triton.TUNE["fused_output"] = spec["fused"]
+        ops_triton_launch.TUNE["fused_output"] = spec["fused"]
     gen = torch.Generator().manual_seed(seed)
     B, T, H, K, V, C, rule = (spec[x] for x in ("B", "T", "H", "K", "V", "C", "rule"))
     cu = spec.get("cu")
@@ -106,7 +95,7 @@ def run_case(spec, seed=0, device="cpu", dtype=torch.float32):
             o, ht = ops_triton.delta_rule_triton(q, k, v, beta, scale, s0, True, cut, C)
         else:
             o, ht = ops_triton.sum_rule_triton(q, k, v, scale, s0, True, cut, C)
-    ops_triton.TUNE.clear()
+    ops_triton_launch.TUNE.clear()
     ref_leaves = {n: t.detach().double().requires_grad_(grad) for n, t in leaves.items()}
     with torch.set_grad_enabled(grad):
         ro, rh = reference(ref_leaves["q"], ref_leaves["k"], ref_leaves["v"], ref_leaves.get("beta"), scale,
@@ -188,7 +177,7 @@ def test_first_autotuned_launch_says_why_it_is_slow(monkeypatch):
     like a hang); later new shapes do not repeat it. triton.autotune is replaced: no kernel runs here."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    from modeling_fwp import ops_triton
+    from modeling_fwp import ops_triton_launch
 
     launched = []
 
@@ -199,13 +188,13 @@ def test_first_autotuned_launch_says_why_it_is_slow(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launched.append(self.kernel)
 
-    monkeypatch.setattr(ops_triton.triton, "autotune", lambda configs, key, **extra: Tuned)
-    monkeypatch.setattr(ops_triton, "_TUNED", {})
-    monkeypatch.setattr(ops_triton, "_announced", False)
-    configs = ops_triton._cfgs([(4, 2)])
+    monkeypatch.setattr(ops_triton_launch.triton, "autotune", lambda configs, key, **extra: Tuned)
+    monkeypatch.setattr(ops_triton_launch, "_TUNED", {})
+    monkeypatch.setattr(ops_triton_launch, "_announced", False)
+    configs = ops_triton_launch._cfgs([(4, 2)])
     with pytest.warns(UserWarning, match="FWP_TRITON_AUTOTUNE=0") as caught:
         for kernel in ("first", "second"):
-            ops_triton._launch(kernel, lambda meta: (1,), (), {}, configs, ("K",), {})
+            ops_triton_launch._launch(kernel, lambda meta: (1,), (), {}, configs, ("K",), {})
     assert launched == ["first", "second"]
     assert len([w for w in caught if "FWP_TRITON_AUTOTUNE" in str(w.message)]) == 1
 
@@ -221,10 +210,6 @@ CUDA_CASES = {
     "delta_K512_fused": dict(B=1, T=130, H=2, K=512, V=64, C=32, rule="delta", h0=True, fused=True),
     "delta_varlen": dict(B=1, T=300, H=4, K=64, V=64, C=64, rule="delta", h0=True, cu=[0, 100, 100, 229, 300]),
     "delta_decode": dict(B=3, T=4, H=4, K=128, V=64, C=64, rule="delta", h0=True, grad=False),
-    "delta_segmented": dict(B=1, T=4096, H=2, K=64, V=64, C=64, rule="delta", h0=True,
-                            tune=dict(segmented=True, segment_chunks=8)),
-    "delta_segmented_varlen": dict(B=1, T=3000, H=2, K=128, V=64, C=64, rule="delta", h0=True,
-                                   cu=[0, 700, 700, 2900, 3000], tune=dict(segmented=True, segment_chunks=4)),
     "sum_K64": dict(B=2, T=300, H=4, K=64, V=64, C=64, rule="sum", h0=True),
     "sum_K256": dict(B=1, T=200, H=2, K=256, V=64, C=64, rule="sum", h0=True, fused=True),
 }
@@ -242,7 +227,7 @@ def test_cuda_fp32_matches_float64_loop(name):
 
 
 @cuda
-@pytest.mark.parametrize("name", ["delta_K64", "delta_K256_V128", "sum_K64", "delta_varlen", "delta_segmented"])
+@pytest.mark.parametrize("name", ["delta_K64", "delta_K256_V128", "sum_K64", "delta_varlen"])
 def test_cuda_bf16_close_to_float64_loop(name):
     _assert_small(name, run_case(CUDA_CASES[name], seed=2, device="cuda", dtype=torch.bfloat16), 3e-2,
                   CUDA_CASES[name])

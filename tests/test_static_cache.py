@@ -131,13 +131,13 @@ def test_a_change_between_two_generates_is_caught_by_the_first_steps_guards():
 
 def test_later_steps_of_a_generate_skip_the_guards(monkeypatch):
     """Each later step runs under the stance that skips guard evaluation, the first one under the default."""
-    import modeling_fwp.modeling_fwp as modeling
+    import modeling_fwp.generation_fwp as generation
 
-    if not modeling._SKIP_GUARDS_SUPPORTED:
+    if not generation._SKIP_GUARDS_SUPPORTED:
         pytest.skip("this torch has no skip_guard_eval_unsafe")
     stances = []
-    original = modeling._guards_checked_once
-    monkeypatch.setattr(modeling, "_guards_checked_once", lambda first: stances.append(first) or original(first))
+    original = generation._guards_checked_once
+    monkeypatch.setattr(generation, "_guards_checked_once", lambda first: stances.append(first) or original(first))
     model = make_model("delta_net")
     config, _ = captured()
     static_generate(model, random_ids(1, 5, seed=10), 5, config)

@@ -19,10 +19,9 @@ from triton_interpreter import REPO, run_cases, worker_results
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 # fp32 cases that reach every kernel with a dot product: the chunked forward and backward (delta, sum, packed with
-# an empty sequence, several K/V blocks), the separate output kernel, and the segmented state pass.
+# an empty sequence, several K/V blocks) and the separate output kernel.
 PRECISION_CASES = {name: CASES[name] for name in (
-    "delta_T65_C32", "delta_varlen_empty_seq", "delta_blocks_2x2", "delta_T130_C16_fused_noh0", "sum_T65_C32",
-    "segmented_delta")}
+    "delta_T65_C32", "delta_varlen_empty_seq", "delta_blocks_2x2", "delta_T130_C16_fused_noh0", "sum_T65_C32")}
 
 
 def _emulate_tf32_in_the_interpreter(seen: set) -> None:
@@ -50,7 +49,7 @@ def _emulate_tf32_in_the_interpreter(seen: set) -> None:
 
 
 def _worker():
-    from modeling_fwp import ops_triton
+    from modeling_fwp import ops_triton_launch
 
     seen = set()
     _emulate_tf32_in_the_interpreter(seen)
@@ -59,18 +58,18 @@ def _worker():
         seen.clear()
         errors = run_case(spec)
         results[name] = dict(errors, precisions=sorted(seen))
-    real_init = ops_triton._Plan.__init__
+    real_init = ops_triton_launch._Plan.__init__
 
     def tf32_init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         self.prec = "tf32"
 
-    ops_triton._Plan.__init__ = tf32_init
+    ops_triton_launch._Plan.__init__ = tf32_init
     try:
         for name in ("delta_T65_C32", "sum_T65_C32"):
             results[f"{name}_forced_tf32"] = run_case(PRECISION_CASES[name])
     finally:
-        ops_triton._Plan.__init__ = real_init
+        ops_triton_launch._Plan.__init__ = real_init
     run_cases({}, None, **{name: (lambda value=value: value) for name, value in results.items()})
 
 
