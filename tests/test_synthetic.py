@@ -1,4 +1,4 @@
-"""Tests of scripts/synthetic_retrieval.py: the task generator, the stacked models against a direct float64 loop,
+"""Tests of scripts/paper/synthetic_retrieval.py: the task generator, the stacked models against a direct float64 loop,
 the exactness of padding/compaction, the report logic, and the --quick mode end to end (CI smoke test)."""
 
 import csv
@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from modeling_fwp.feature_maps import build_feature_map
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "synthetic_retrieval.py")
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "paper",
+                      "synthetic_retrieval.py")
 spec = importlib.util.spec_from_file_location("synthetic_retrieval", SCRIPT)
 sr = importlib.util.module_from_spec(spec)
 sys.modules["synthetic_retrieval"] = sr  # dataclasses look their module up there
