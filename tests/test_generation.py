@@ -678,7 +678,7 @@ def test_generate_script_errors_and_preset(tmp_path, capsys):
     assert capsys.readouterr().out.split()[:3] == ["5", "6", "7"]
 
 
-# ----------------------------------------------------------------------------------------- scripts/bench/bench_generate.py
+# ------------------------------------------------------------------------------------- scripts/bench/bench_generate.py
 def test_bench_generate_runs_at_tiny_size_on_cpu(tmp_path):
     """Only that the script runs and reports every case (its numbers are for the GPU, not for a test)."""
     import json

@@ -1,5 +1,6 @@
-"""Tests of scripts/paper/synthetic_retrieval.py: the task generator, the stacked models against a direct float64 loop,
-the exactness of padding/compaction, the report logic, and the --quick mode end to end (CI smoke test)."""
+"""Tests of scripts/paper/synthetic_retrieval.py and its parts (scripts/paper/synthetic/): the task generator, the
+stacked models against a direct float64 loop, the exactness of padding/compaction, the report logic, and the --quick
+mode end to end (CI smoke test)."""
 
 import csv
 import json
@@ -108,7 +109,8 @@ def test_bank_reads_equal_a_direct_float64_loop(backend, split, setting):
     if setting == 1:
         specs += [task.RunSpec(1, "softmax", "softmax", 5), task.RunSpec(1, "favor64", "sum", 6)]
     bank = models.RunBank(specs, "cpu", dtype=torch.float64, backend=backend, chunk_size=4, split_features=split)
-    assert len(bank.op_calls) == (len({(s.rule, models.feature_dim(s.model)) for s in specs}) if split else len(rules) + (setting == 1))
+    calls = len({(s.rule, models.feature_dim(s.model)) for s in specs}) if split else len(rules) + (setting == 1)
+    assert len(bank.op_calls) == calls
     keys, values, query_ids, targets = training.sample_bank_batch(bank, 3, torch.Generator().manual_seed(2), False)
     with torch.no_grad():
         q_pre = bank.query_inputs(query_ids.reshape(len(specs), -1)).view(len(specs), 3, 1, -1)

@@ -79,8 +79,8 @@ except fetch.Unavailable as error:
 UPSTREAM_MISSING = {path: why for path, why in fetch.upstream_status(HARNESS_DIR, UPSTREAM_FILES).items() if why}
 GENERATION_SKIP_REASON = (
     f"tests/generation/test_utils.py of transformers commit {UPSTREAM_COMMIT} (in no sdist) is not in the cache: "
-    f"{UPSTREAM_MISSING['tests/generation/test_utils.py']}. Place it with `python scripts/checks/fetch_transformers_tests.py "
-    "--git-dir <transformers clone>`." if "tests/generation/test_utils.py" in UPSTREAM_MISSING else None
+    f"{UPSTREAM_MISSING['tests/generation/test_utils.py']}. Place it with "
+    "`python scripts/checks/fetch_transformers_tests.py --git-dir <transformers clone>`." if "tests/generation/test_utils.py" in UPSTREAM_MISSING else None
 )
 
 

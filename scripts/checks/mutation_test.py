@@ -3,10 +3,10 @@
 that the tests meant to catch it fail (issue 16: one-line bugs went unnoticed because the tests compared backends
 with each other and checked the training script by its flags).
 
-    python scripts/checks/mutation_test.py --subset ci        # 14 mutants over 13 files, ~4 minutes on 2 busy cores (CI)
-    python scripts/checks/mutation_test.py --all              # every mutant below, ~17 minutes
+    python scripts/checks/mutation_test.py --subset ci  # 14 mutants over 13 files, ~4 minutes on 2 busy cores (CI)
+    python scripts/checks/mutation_test.py --all        # every mutant below, ~17 minutes
     python scripts/checks/mutation_test.py --only beta_tanh rotary_sign_flipped
-    python scripts/checks/mutation_test.py --list             # the mutants, their tests, and whether each pattern matches
+    python scripts/checks/mutation_test.py --list       # the mutants, their tests, and whether each pattern matches
 
 Every mutant names the file, the exact source text it changes (which must occur exactly once: a pattern that no
 longer matches, or matches twice, fails the run before anything is tested, so the list cannot silently rot), the
@@ -454,7 +454,8 @@ def union_of_selections(mutations) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- the copy
 
-GUARD = '''"""pytest plugin written by scripts/checks/mutation_test.py: the run tests the copy, which holds the mutant."""
+GUARD = '''"""pytest plugin written by scripts/checks/mutation_test.py: the run tests the copy, which holds the
+mutant."""
 import hashlib, importlib.util, os
 from pathlib import Path
 
