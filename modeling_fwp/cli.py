@@ -8,9 +8,9 @@ as `python scripts/NAME.py` does, with the same flags:
 
 A wheel carries these script files (and train.py's helpers, train_checkpoints.py and train_fsdp.py) as
 modeling_fwp/scripts/, so the commands work from a plain `pip install .`; in a checkout or an editable install
-they run scripts/ beside the package. The other scripts (benchmarks, the paper's synthetic experiments, the
-conversion check against fla, the test runner) need the checkout. Under `accelerate launch`, pass the command's
-file: `accelerate launch --config_file CONFIG "$(which fwp-train)" ...`.
+they run scripts/ beside the package. The other scripts (the benchmarks in scripts/bench/, the paper's experiments in
+scripts/paper/, the checks and test tools in scripts/checks/, the test runner) need the checkout. Under
+`accelerate launch`, pass the command's file: `accelerate launch --config_file CONFIG "$(which fwp-train)" ...`.
 
 Not imported by the model code.
 """

@@ -1,7 +1,8 @@
 """modeling_fwp.convert_fla: fla DeltaNet folders (built here from fla 0.6.0's parameter names and shapes, without
 fla) converted to FWP folders, checked against `fla_logits`, a float64 re-implementation of fla's DeltaNet forward
 written from fla's code (fla/layers/delta_net.py, fla/ops/delta_rule/naive.py, fla/modules) that shares nothing with
-the package. Real fla outputs come in through tests/data/fla_fixture/ (written by scripts/check_fla_conversion.py)."""
+the package. Real fla outputs come in through tests/data/fla_fixture/ (written by
+scripts/checks/check_fla_conversion.py)."""
 
 import json
 import os
@@ -375,7 +376,7 @@ def fixture_folders():
 
 
 @pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"no fla fixtures yet: {FIXTURES} is written by "
-                    "scripts/check_fla_conversion.py on a GPU machine (fla installed)")
+                    "scripts/checks/check_fla_conversion.py on a GPU machine (fla installed)")
 @pytest.mark.parametrize("backend", ["recurrent", "chunk"])
 def test_converted_fixtures_reproduce_flas_own_logits(backend, tmp_path):
     folders = fixture_folders()

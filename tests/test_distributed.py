@@ -7,7 +7,7 @@
   state stays fp32 under the configs' bf16 mixed precision (the multi-node test).
 - Multi-node (multi_node_ddp.yaml, multi_node_fsdp.yaml): two launchers, machine_rank 0 and 1, meet at
   127.0.0.1 as two hosts would.
-- The ~1.3B preset's parameter count, on the meta device; scripts/bench_train.py under DDP and FSDP.
+- The ~1.3B preset's parameter count, on the meta device; scripts/bench/bench_train.py under DDP and FSDP.
 
 Why the FSDP tests need a shim (FSDP_ON_CPU below). Accelerate 1.15 runs FSDP only on accelerator devices; on CPU
 processes it gives no error, it silently trains without sharding:
@@ -331,13 +331,13 @@ def test_multi_node_configs_on_one_host(corpus, tmp_path, config):
 
 @pytest.mark.parametrize("config", ["multi_cpu.yaml", "fsdp.yaml"])
 def test_bench_train_runs_under_accelerate(corpus, tmp_path, config):
-    """scripts/bench_train.py under DDP and under FSDP2 (bf16 parameters; fwp and Llama, each sharded per its own
+    """scripts/bench/bench_train.py under DDP and under FSDP2 (bf16 parameters; fwp and Llama, each sharded per its own
     block class): global and per-process tokens/s, peak memory per process (n/a on CPU), a finite loss."""
     import math
 
     fsdp = config == "fsdp.yaml"
     out = tmp_path / "bench.json"
-    launch(corpus, CONFIGS / config, REPO / "scripts" / "bench_train.py",
+    launch(corpus, CONFIGS / config, REPO / "scripts" / "bench" / "bench_train.py",
            ["--preset", "deltanet-370m", "--config_overrides", MICRO, "--models", "fwp,llama" if fsdp else "fwp",
             "--batch_size", "2", "--seq_len", "32", "--warmup_steps", "1", "--steps", "2", "--json", str(out),
             *(["--fsdp_param_dtype", "bf16"] if fsdp else [])],

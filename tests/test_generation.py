@@ -613,10 +613,11 @@ def test_text_generation_pipeline(tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------- scripts/generate.py
-def _load_script(name):
+def _load_script(path):
+    """The script at scripts/`path` (without .py) as a module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(Path(path).name, REPO / "scripts" / f"{path}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -677,12 +678,12 @@ def test_generate_script_errors_and_preset(tmp_path, capsys):
     assert capsys.readouterr().out.split()[:3] == ["5", "6", "7"]
 
 
-# ----------------------------------------------------------------------------------------------- scripts/bench_generate.py
+# ------------------------------------------------------------------------------------- scripts/bench/bench_generate.py
 def test_bench_generate_runs_at_tiny_size_on_cpu(tmp_path):
     """Only that the script runs and reports every case (its numbers are for the GPU, not for a test)."""
     import json
 
-    bench = _load_script("bench_generate")
+    bench = _load_script("bench/bench_generate")
     out = tmp_path / "bench.json"
     bench.main(["--tiny", "--device", "cpu", "--models", "fwp,fla,llama", "--batch_sizes", "1,2", "--prompt_lengths",
                 "20", "--new_tokens", "3", "--json", str(out), "--markdown", str(tmp_path / "bench.md")])

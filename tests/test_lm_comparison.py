@@ -1,4 +1,4 @@
-"""scripts/lm_comparison.py (the paper's language-modelling comparison): the claim verdicts and the learning-rate
+"""scripts/paper/lm_comparison.py (the paper's language-modelling comparison): the claim verdicts and the learning-rate
 pick on made-up results, the run plan (finished runs skipped, failed ones redone), and a --scale quick run end to
 end on a slice of the embedded corpus."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "scripts" / "paper"))
 import lm_comparison  # noqa: E402
 import lm_comparison_report as report  # noqa: E402
 

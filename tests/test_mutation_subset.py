@@ -1,7 +1,7 @@
-"""Mutation testing as a habit (issue 16): the chosen one-line bugs of scripts/mutation_test.py must still apply to
-the source, and the CI subset of them must each make its tests fail.
+"""Mutation testing as a habit (issue 16): the chosen one-line bugs of scripts/checks/mutation_test.py must still apply
+to the source, and the CI subset of them must each make its tests fail.
 
-The full list runs with `python scripts/mutation_test.py --all` (~17 minutes on 2 busy CPU cores); here the 14
+The full list runs with `python scripts/checks/mutation_test.py --all` (~17 minutes on 2 busy CPU cores); here the 14
 mutants of `--subset ci`, over 13 files, run in about 4 minutes. The subset runs without its baseline (the unmutated
 selection): the suite runs those tests anyway, and a red baseline shows there.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "scripts" / "checks"))
 import mutation_test  # noqa: E402
 
 
@@ -36,8 +36,8 @@ def test_the_list_covers_every_module_and_the_ci_subset_a_spread_of_them():
 @pytest.mark.slow
 def test_ci_subset_of_mutants_is_killed(tmp_path):
     results = tmp_path / "results.json"
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "mutation_test.py"), "--subset", "ci", "--no-baseline",
-                          "--json", str(results)], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "checks" / "mutation_test.py"), "--subset", "ci",
+                          "--no-baseline", "--json", str(results)], cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     statuses = {r["id"]: r["status"] for r in json.loads(results.read_text())["results"]}
     assert statuses and set(statuses.values()) == {"killed"}, statuses  # a timeout is no proof of a catch

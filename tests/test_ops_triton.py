@@ -216,7 +216,7 @@ CUDA_CASES = {
 
 
 # fp32 inputs compute in fp32 (input_precision "ieee"); tf32 matmuls would put the errors near 1e-3.
-# scripts/check_triton_precision.py measures both on a GPU: fp32 must pass this and tf32 fail it.
+# scripts/checks/check_triton_precision.py measures both on a GPU: fp32 must pass this and tf32 fail it.
 FP32_TOLERANCE = 1e-4
 
 

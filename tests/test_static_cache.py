@@ -1,7 +1,7 @@
 """Captured decode: `cache_implementation="static"` gives an FWPStaticCache whose decode steps torch.compile
 captures whole (fullgraph=True: no graph break, no host sync). On CPU the steps compile with the aot_eager backend
 (and once with inductor); every generate() here is compared step by step (logits) with full forwards in float64.
-On CUDA, CUDA graphs replay the same step (scripts/bench_generate.py measures it)."""
+On CUDA, CUDA graphs replay the same step (scripts/bench/bench_generate.py measures it)."""
 
 import pytest
 import torch

@@ -434,7 +434,7 @@ def test_saved_causal_lm_loads_through_automodel_too(loaded_without_package):
 
 
 # ------------------------------------------------------------ 5. what a run is built from: its config and tokenizer
-# (these two kill survivors of `scripts/mutation_test.py --all`: a changed default and a tokenizer cache key that
+# (these two kill survivors of `scripts/checks/mutation_test.py --all`: a changed default and a tokenizer cache key that
 # ignored the text or the vocabulary size passed every other test)
 
 def test_a_pre_norm_override_builds_the_documented_modern_blocks():

@@ -7,7 +7,7 @@ l2 qk-norm, short convolutions, output norm). The tester below is written like t
 Qwen3-Next testers (tests/models/mamba2/, tests/models/qwen3_next/).
 
 The harness files are not in this repository. They are taken at test time from a cache folder outside it
-(scripts/fetch_transformers_tests.py says how it is filled; $FWP_TRANSFORMERS_TESTS overrides the location):
+(scripts/checks/fetch_transformers_tests.py says how it is filled; $FWP_TRANSFORMERS_TESTS overrides the location):
   * test_modeling_common.py and its siblings: the sdist of the INSTALLED transformers release, downloaded from PyPI
     on first use (no PyPI: the whole module skips, saying why);
   * generation/test_utils.py and exporters/test_export.py, which no sdist ships: a public transformers source tree,
@@ -40,7 +40,7 @@ import torch
 import transformers
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Pins (scripts/fetch_transformers_tests.py reads these literals)
+# Pins (scripts/checks/fetch_transformers_tests.py reads these literals)
 # ----------------------------------------------------------------------------------------------------------------------
 # The releases whose sdist tests/ this module was run and its skip list reviewed against, with the sha256 of the
 # sdist on PyPI. Another installed release still runs (its sdist is used unverified).
@@ -64,7 +64,7 @@ UPSTREAM_FILES = {  # path in the source tree (and in the cache folder) -> sha25
 # ----------------------------------------------------------------------------------------------------------------------
 pytest.importorskip("parameterized", reason="transformers' harness needs `parameterized` (pip install parameterized)")
 
-_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "fetch_transformers_tests.py"
+_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "checks" / "fetch_transformers_tests.py"
 _spec = importlib.util.spec_from_file_location("_fwp_fetch_transformers_tests", _SCRIPT)
 fetch = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fetch)
@@ -79,8 +79,8 @@ except fetch.Unavailable as error:
 UPSTREAM_MISSING = {path: why for path, why in fetch.upstream_status(HARNESS_DIR, UPSTREAM_FILES).items() if why}
 GENERATION_SKIP_REASON = (
     f"tests/generation/test_utils.py of transformers commit {UPSTREAM_COMMIT} (in no sdist) is not in the cache: "
-    f"{UPSTREAM_MISSING['tests/generation/test_utils.py']}. Place it with `python scripts/fetch_transformers_tests.py "
-    "--git-dir <transformers clone>`." if "tests/generation/test_utils.py" in UPSTREAM_MISSING else None
+    f"{UPSTREAM_MISSING['tests/generation/test_utils.py']}. Place it with "
+    "`python scripts/checks/fetch_transformers_tests.py --git-dir <transformers clone>`." if "tests/generation/test_utils.py" in UPSTREAM_MISSING else None
 )
 
 

@@ -1,6 +1,6 @@
 """The fp32 Triton path asks for full fp32 dot products (input_precision "ieee"), not tf32.
 
-On a GPU, tf32 would put the fp32 kernels' errors near 1e-3 (scripts/check_triton_precision.py measures it), and
+On a GPU, tf32 would put the fp32 kernels' errors near 1e-3 (scripts/checks/check_triton_precision.py measures it), and
 test_ops_triton's CUDA cases would catch it there. On CPU, Triton's interpreter computes every dot product in the
 operands' dtype whatever precision a kernel asks for, so a kernel that slipped into tf32 would pass every CPU test.
 Here the interpreter is made to round fp32 operands to tf32 (10 mantissa bits, round to nearest) where a dot asks

@@ -3,7 +3,7 @@ tests/test_ops_triton.py in fp32 as shipped, and again with the kernels' matmul 
 errors must sit well below the test's tolerance and the tf32 ones above it, so that the test
 (`test_cuda_fp32_matches_float64_loop`) would catch a kernel that slipped into tf32.
 
-    python scripts/check_triton_precision.py --json precision.json        # on a CUDA machine
+    python scripts/checks/check_triton_precision.py --json precision.json        # on a CUDA machine
 """
 
 import argparse
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # scripts/checks/ -> the repository root
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 

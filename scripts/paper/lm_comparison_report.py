@@ -1,4 +1,4 @@
-"""Report of scripts/lm_comparison.py: per-model perplexity over seeds, the paper's claims C1-C7 judged with the
+"""Report of scripts/paper/lm_comparison.py: per-model perplexity over seeds, the paper's claims C1-C7 judged with the
 spread over seeds, the figure of validation perplexity against tokens seen, and the RESULTS.md section.
 
 A claim "a below b" holds when mean(b) - mean(a) > 2 * SE, SE = sqrt(s_a^2 / n_a + s_b^2 / n_b) (s: the standard

@@ -1,6 +1,6 @@
 """The short causal convolution (+ SiLU) alone on a GPU: ours (conv_triton.py) and fla's causal_conv1d side by side.
 
-    python scripts/bench_conv.py [--sweep] [--json out.json]
+    python scripts/bench/bench_conv.py [--sweep] [--json out.json]
 
 Shapes are the deltanet-370m training step's (16384 tokens, 1024 channels per q / k / v part, kernel 4), as
 contiguous tensors (the training step's separate projections) and as a channel slice of a joint projection's
@@ -18,7 +18,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# The repository root (scripts/bench/ is two levels below it), so this checkout's modeling_fwp is imported.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from triton.testing import do_bench  # noqa: E402
 
 from modeling_fwp import conv_triton  # noqa: E402

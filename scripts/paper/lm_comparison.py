@@ -5,10 +5,10 @@ Trains every model of the paper's small WikiText-103 setting on the embedded Sha
 tokenizer, the same token budget, optimizer, schedule and batch, several seeds each, beside a softmax Transformer
 from transformers itself (GPT-2), then judges the paper's orderings (C1-C7) with the spread over seeds:
 
-    python scripts/lm_comparison.py --scale cpu --out results/lm_comparison/cpu            # 2-core CPU, < 30 min
-    python scripts/lm_comparison.py --scale gpu --out $OUT/lm --parallel 12 --deadline-minutes 9   # one GPU
-    python scripts/lm_comparison.py --scale quick --out /tmp/lm                               # CI smoke run
-    python scripts/lm_comparison.py --report-only --out results/lm_comparison/gpu --results-md RESULTS.md
+    python scripts/paper/lm_comparison.py --scale cpu --out results/lm_comparison/cpu            # 2-core CPU, < 30 min
+    python scripts/paper/lm_comparison.py --scale gpu --out $OUT/lm --parallel 12 --deadline-minutes 9   # one GPU
+    python scripts/paper/lm_comparison.py --scale quick --out /tmp/lm                               # CI smoke run
+    python scripts/paper/lm_comparison.py --report-only --out results/lm_comparison/gpu --results-md RESULTS.md
 
 How a run is made (one subprocess each, `--parallel` at a time, so several small models share one GPU):
 - the data are train.py's: the embedded corpus through `modeling_fwp.data`, a byte-level BPE trained on the
@@ -20,7 +20,7 @@ How a run is made (one subprocess each, `--parallel` at a time, so several small
   lowest validation perplexity is used by every model of the family (that seed-0 run is kept as a result).
 
 results.csv and curves.csv are appended as each run ends, so a cut-off call keeps what finished and a rerun skips
-it. scripts/lm_comparison_report.py turns them into the tables, the figure and the claims (also at the end here).
+it. scripts/paper/lm_comparison_report.py turns them into the tables, the figure and the claims (also at the end here).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO_ROOT), str(Path(__file__).resolve().parent)]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # scripts/paper/ -> the repository root
+# This checkout's modeling_fwp, train.py's FWPTrainer (scripts/) and the report beside this file (scripts/paper/).
+sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts"), str(Path(__file__).resolve().parent)]
 
 # name -> preset (None: the softmax Transformer), config overrides, family (learning-rate group), carry_state.
 # The FWP models run without positional encoding, the paper's best setting (Table 3) and its Table 4 setting:

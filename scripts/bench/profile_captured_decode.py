@@ -1,7 +1,7 @@
 """Where a captured decode step's time goes (GPU): the step alone against generate()'s ms per token, whether CUDA
 graphs were used (inductor's skip counters), and the kernels one step launches.
 
-    python scripts/profile_captured_decode.py --json captured_profile.json
+    python scripts/bench/profile_captured_decode.py --json captured_profile.json
 """
 
 import argparse
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 import modeling_fwp  # noqa: E402
 from modeling_fwp.cache_fwp import FWPStaticCache  # noqa: E402

@@ -14,9 +14,9 @@ state recursion has B*H independent matrices) and B=1, T=8192 (one long sequence
 chain over 8 small matrices, the hard case on a 2-core CPU). --shape (repeatable) or --batch/--length/... pick
 others.
 
-    python scripts/bench_ops_cpu.py --stat min --json bench_ops_cpu.json
-    python scripts/bench_ops_cpu.py --shape 1,8192,4,128,128 --shape 8,1024,8,64,64
-    python scripts/bench_ops_cpu.py --batch 1 --length 8192 --heads 4 --key-dim 128 --value-dim 128
+    python scripts/bench/bench_ops_cpu.py --stat min --json bench_ops_cpu.json
+    python scripts/bench/bench_ops_cpu.py --shape 1,8192,4,128,128 --shape 8,1024,8,64,64
+    python scripts/bench/bench_ops_cpu.py --batch 1 --length 8192 --heads 4 --key-dim 128 --value-dim 128
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 from modeling_fwp.ops import delta_rule  # noqa: E402
 
 

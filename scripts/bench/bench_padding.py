@@ -4,8 +4,8 @@ layers) against masked (pads kept, moved after each row's real tokens, masked in
 what torch.compile and torch.export run). Times a training step (forward + backward) and a no-grad forward per
 padding pattern and prints a markdown table; `modeling_fwp.modeling_fwp.use_masked_layout` picks the layout.
 
-    OMP_NUM_THREADS=2 python scripts/bench_padding.py                        # CPU, the tiny preset
-    python scripts/bench_padding.py --preset deltanet-370m --batch_size 8 --seq_len 2048 --dtype bf16   # one GPU
+    OMP_NUM_THREADS=2 python scripts/bench/bench_padding.py                        # CPU, the tiny preset
+    python scripts/bench/bench_padding.py --preset deltanet-370m --batch_size 8 --seq_len 2048 --dtype bf16   # one GPU
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 import modeling_fwp.modeling_fwp as modeling  # noqa: E402
 from modeling_fwp import FWPForCausalLM  # noqa: E402

@@ -3,9 +3,9 @@
 (FWP_TRITON_AUTOTUNE=0): the first training step and the first generate(), each in a fresh process with empty
 Triton and inductor caches, and the steady-state time of each. Prints a side-by-side table; --out writes JSON.
 
-    python scripts/bench_first_use.py --out results/bench/first_use_h100.json          # deltanet-370m, ~4 min on H100
-    python scripts/bench_first_use.py --modes fixed --what generate --out first.json   # one column, one job
-    python scripts/bench_first_use.py --device cpu --preset tiny --batch_size 2 --seq_len 64 --prompt_len 16 \\
+    python scripts/bench/bench_first_use.py --out results/bench/first_use_h100.json          # deltanet-370m, ~4 min on H100
+    python scripts/bench/bench_first_use.py --modes fixed --what generate --out first.json   # one column, one job
+    python scripts/bench/bench_first_use.py --device cpu --preset tiny --batch_size 2 --seq_len 64 --prompt_len 16 \\
         --new_tokens 4 --steps 3 --out smoke.json                                       # CPU smoke run of the plumbing
 
 Per mode ("autotune": the default settings; "fixed": FWP_TRITON_AUTOTUNE=0) two child processes run, one per job,
@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # scripts/bench/ -> the repository root
 MODES = {"autotune": {}, "fixed": {"FWP_TRITON_AUTOTUNE": "0"}}
 JOBS = ("generate", "train")
 ROWS = (  # (label, job, key, unit)

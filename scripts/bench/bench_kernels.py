@@ -1,7 +1,7 @@
 """Kernel benchmark, side by side: our Triton kernels, our pure-PyTorch chunkwise form, fla's chunk_delta_rule
 (if importable) and causal softmax attention (SDPA), forward and forward+backward, bf16.
 
-    python scripts/bench_kernels.py [--json out.json] [--check] [--sweep] [--rule delta|sum] [--quick]
+    python scripts/bench/bench_kernels.py [--json out.json] [--check] [--sweep] [--rule delta|sum] [--quick]
 
 Table columns: median ms per backend (triton.testing.do_bench) and, for ours and fla, the fraction of the
 memory floor reached: floor = bytes that must move / bandwidth (3.0e12 B/s on an H100, 4.8e12 on an H200).
@@ -11,7 +11,7 @@ dv, dbeta (the state is never materialised in the floor).
 --sweep: time a few block-size / fusion settings of our kernels (for choosing defaults).
 --profile: GPU time per kernel for one forward+backward, ours and fla.
 --warm N: compile and autotune shape N only; run several at once before the timed run to save device time:
-    for s in 0 1 2 3 4; do python3 scripts/bench_kernels.py --warm $s --backends triton,fla & done; wait
+    for s in 0 1 2 3 4; do python3 scripts/bench/bench_kernels.py --warm $s --backends triton,fla & done; wait
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository root (scripts/bench/ is two levels below it), so this checkout's modeling_fwp is imported.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 if "--warm" in sys.argv:
     # Warm-up processes run side by side on one GPU: keep fla from saving autotune picks made under that
     # contention to its disk cache (FLA_CACHE_RESULTS defaults to 1), so the timed run tunes fla afresh.

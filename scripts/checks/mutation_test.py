@@ -3,10 +3,10 @@
 that the tests meant to catch it fail (issue 16: one-line bugs went unnoticed because the tests compared backends
 with each other and checked the training script by its flags).
 
-    python scripts/mutation_test.py --subset ci        # 14 mutants over 13 files, ~4 minutes on 2 busy cores (CI)
-    python scripts/mutation_test.py --all              # every mutant below, ~17 minutes
-    python scripts/mutation_test.py --only beta_tanh rotary_sign_flipped
-    python scripts/mutation_test.py --list             # the mutants, their tests, and whether each pattern matches
+    python scripts/checks/mutation_test.py --subset ci  # 14 mutants over 13 files, ~4 minutes on 2 busy cores (CI)
+    python scripts/checks/mutation_test.py --all        # every mutant below, ~17 minutes
+    python scripts/checks/mutation_test.py --only beta_tanh rotary_sign_flipped
+    python scripts/checks/mutation_test.py --list       # the mutants, their tests, and whether each pattern matches
 
 Every mutant names the file, the exact source text it changes (which must occur exactly once: a pattern that no
 longer matches, or matches twice, fails the run before anything is tested, so the list cannot silently rot), the
@@ -53,7 +53,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # scripts/checks/ -> the repository root
 
 
 @dataclass(frozen=True)
@@ -450,7 +450,8 @@ def union_of_selections(mutations) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- the copy
 
-GUARD = '''"""pytest plugin written by scripts/mutation_test.py: the run tests the copy, which holds the mutant."""
+GUARD = '''"""pytest plugin written by scripts/checks/mutation_test.py: the run tests the copy, which holds the
+mutant."""
 import hashlib, importlib.util, os
 from pathlib import Path
 
@@ -562,7 +563,7 @@ def main(argv=None) -> int:
         for m in MUTATIONS:
             print(f"{m.id:44s} {'ci ' if m.ci else '   '}{m.file:34s} {m.why}\n{'':48s}tests: {' '.join(m.tests)}")
     if problems:
-        print("The mutation list does not match the source any more (fix the list in scripts/mutation_test.py):",
+        print("The mutation list does not match the source any more (fix the list in scripts/checks/mutation_test.py):",
               *problems, sep="\n  ", file=sys.stderr)
         return 2
     if args.list:

@@ -13,8 +13,8 @@ repository; they live in a cache directory, one folder per transformers version:
 1. The sdist part needs only PyPI. The test module does it by itself when the folder is missing (and skips, saying
    why, when PyPI cannot be reached); this script does the same by hand:
 
-       python scripts/fetch_transformers_tests.py                 # the installed transformers version
-       python scripts/fetch_transformers_tests.py --version 5.17.0
+       python scripts/checks/fetch_transformers_tests.py                 # the installed transformers version
+       python scripts/checks/fetch_transformers_tests.py --version 5.17.0
 
    It runs `pip download --no-binary :all: --no-deps transformers==<version>`, checks the archive against the
    sha256 pinned in the test module (for the versions pinned there) and unpacks its tests/*.py.
@@ -24,7 +24,7 @@ repository; they live in a cache directory, one folder per transformers version:
    in the test module (UPSTREAM_COMMIT):
 
        git clone --filter=blob:none https://github.com/huggingface/transformers /tmp/transformers
-       python scripts/fetch_transformers_tests.py --git-dir /tmp/transformers/.git
+       python scripts/checks/fetch_transformers_tests.py --git-dir /tmp/transformers/.git
 
    or from a folder holding tests/generation/test_utils.py and tests/exporters/test_export.py of that commit
    (`--from-dir`). Either way every file is checked against the sha256 pinned in the test module before it is
@@ -48,7 +48,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # scripts/checks/ -> the repository root
 TEST_MODULE = REPO / "tests" / "test_transformers_common.py"
 ENV_VAR = "FWP_TRANSFORMERS_TESTS"
 # The files of the sdist's tests/ the harness needs are all at its top level; the sdist has no tests/__init__.py.

@@ -1,8 +1,8 @@
 """Checks modeling_fwp.convert_fla against fla itself: random fla DeltaNets of several configurations are saved,
 converted and run side by side on the same input, with and without left padding.
 
-    PYTHONPATH=/path/to/unzipped/fla/wheels python scripts/check_fla_conversion.py --out results/fla_conversion
-    TRITON_INTERPRET=1 python scripts/check_fla_conversion.py --out /tmp/fla_check --device cpu   # tiny, slow
+    PYTHONPATH=/path/to/unzipped/fla/wheels python scripts/checks/check_fla_conversion.py --out results/fla_conversion
+    TRITON_INTERPRET=1 python scripts/checks/check_fla_conversion.py --out /tmp/fla_check --device cpu   # tiny, slow
 
 For each configuration it reports the largest logit difference over the real (unpadded) tokens: ours in fp32 vs fla
 in fp32, ours in bf16 vs fla in bf16, and fla in bf16 vs fla in fp32 (the noise floor of bf16 itself). fla's chunk
@@ -23,7 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # scripts/checks/ -> the repository root
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("FWP_TRITON_AUTOTUNE", "0")  # fixed launch settings: the check is about maths, not speed
 

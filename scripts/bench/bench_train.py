@@ -5,14 +5,14 @@ Each model trains on random tokens with AdamW under bf16 autocast (parameters in
 does): warm-up steps, then timed steps. Reports global tokens/s (all processes), peak GPU memory per process and
 the last loss (a NaN would show). Prints a markdown table; --json writes the same numbers.
 
-    python scripts/bench_train.py                                   # deltanet-370m, 8 x 2048, one GPU
-    python scripts/bench_train.py --models fwp,fla,llama --json bench.json
+    python scripts/bench/bench_train.py                                   # deltanet-370m, 8 x 2048, one GPU
+    python scripts/bench/bench_train.py --models fwp,fla,llama --json bench.json
     accelerate launch --config_file configuration/accelerate/multi_gpu_ddp.yaml --num_processes 2 \\
-        scripts/bench_train.py --json bench-2gpu.json                # DDP: batch 8 x 2048 per GPU
+        scripts/bench/bench_train.py --json bench-2gpu.json                # DDP: batch 8 x 2048 per GPU
     accelerate launch --config_file configuration/accelerate/fsdp.yaml --num_processes 8 \\
-        scripts/bench_train.py --preset deltanet-1.3b --json bench-fsdp8.json   # FSDP2, sharded per block
-    python scripts/bench_train.py --preset tiny --batch_size 2 --seq_len 64 --steps 2   # CPU smoke run
-    python scripts/bench_train.py --models fwp,llama --compile                    # eager and torch.compile'd
+        scripts/bench/bench_train.py --preset deltanet-1.3b --json bench-fsdp8.json   # FSDP2, sharded per block
+    python scripts/bench/bench_train.py --preset tiny --batch_size 2 --seq_len 64 --steps 2   # CPU smoke run
+    python scripts/bench/bench_train.py --models fwp,llama --compile                    # eager and torch.compile'd
 
 --compile measures every model twice, eager and compiled (torch.compile with the default inductor backend, the
 compile in the warm-up steps; its time is the "first step" column), in one process.
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # scripts/bench/ -> the repository root
 sys.path.insert(0, str(REPO_ROOT))
 
 import modeling_fwp  # noqa: E402,F401  registers "fwp"

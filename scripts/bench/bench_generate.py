@@ -6,8 +6,8 @@ memory do not depend on them), in bf16; decoding is greedy `generate()` with a f
 "fwp", "fla" and "llama"; captured for "fwp_static" and "llama_static" (`cache_implementation="static"`, which on
 CUDA compiles the decode step and replays it with CUDA graphs).
 
-    python scripts/bench_generate.py --json bench_generate.json                # GPU, the full grid
-    python scripts/bench_generate.py --tiny --device cpu                       # smoke test of the script itself
+    python scripts/bench/bench_generate.py --json bench_generate.json                # GPU, the full grid
+    python scripts/bench/bench_generate.py --tiny --device cpu                       # smoke test of the script itself
 
 Per case (model, batch, prompt length), after a warm-up run of the same shape:
   prefill_s     generate(max_new_tokens=1): the prompt forward and the first token
