@@ -244,7 +244,7 @@ def _check(x, weight, cu_seqlens, tail, activation):
 
 
 def _blocks(C, bwd):
-    """(BT, BC, warps), from `scripts/bench_conv.py --sweep` on an H200 (bf16, 16384 tokens, a 1024-channel
+    """(BT, BC, warps), from `scripts/bench/bench_conv.py --sweep` on an H200 (bf16, 16384 tokens, a 1024-channel
     slice of a 3088-wide input, K = 4; results/bench/conv_sweep_h200.json): the forward at BT 32, BC 256, 4 warps
     took 0.048 ms against 0.094 at the earlier 32 / 128 / 8 (35 other settings 0.057-0.79); the backward at
     BT 16, BC 128, 2 warps 0.44 ms forward+backward against 0.75 at the earlier 64 / 64 / 4 (an H100 sweep's pick,

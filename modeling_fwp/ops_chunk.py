@@ -81,7 +81,7 @@ def unit_lower_inverse(strict_lower: torch.Tensor, block: int = 8, out: torch.Te
 
 
 # On CPU the delta rule runs chunks of at most this many tokens: at 32, the forward and the backward are faster than
-# at 64 in every pass scripts/bench_ops_cpu.py times (e.g. B = 4, T = 2048 on 2 cores: 40.6 against 55.1 ms forward,
+# at 64 in every pass scripts/bench/bench_ops_cpu.py times (e.g. B = 4, T = 2048 on 2 cores: 40.6 against 55.1 ms forward,
 # 118 against 136 ms forward+backward; B = 1, T = 8192: 50.2 against 58.9 ms), as the C x C factors and a block's
 # operands stay in cache. The chunk size changes only rounding, not the result.
 CPU_MAX_CHUNK_SIZE = 32
