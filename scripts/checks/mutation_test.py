@@ -3,7 +3,7 @@
 that the tests meant to catch it fail (issue 16: one-line bugs went unnoticed because the tests compared backends
 with each other and checked the training script by its flags).
 
-    python scripts/checks/mutation_test.py --subset ci  # 14 mutants over 13 files, ~4 minutes on 2 busy cores (CI)
+    python scripts/checks/mutation_test.py --subset ci  # 14 mutants over 12 files, ~4 minutes on 2 busy cores (CI)
     python scripts/checks/mutation_test.py --all        # every mutant below, ~17 minutes
     python scripts/checks/mutation_test.py --only beta_tanh rotary_sign_flipped
     python scripts/checks/mutation_test.py --list       # the mutants, their tests, and whether each pattern matches
