@@ -315,12 +315,4 @@ if __name__ == "__main__" and "--worker" in sys.argv:
     from test_model import ids  # noqa: F401  (for batch())
     from triton_interpreter import run_cases
 
-    def export_case():
-        try:
-            return export_with_triton_operator("cpu")
-        except Exception:
-            import traceback
-
-            return {"error": traceback.format_exc()}
-
-    run_cases(TRITON_CASES, run_triton_case, export=export_case)
+    run_cases(TRITON_CASES, run_triton_case, export=lambda: export_with_triton_operator("cpu"))

@@ -32,16 +32,16 @@ def launch_settings(module, overrides: dict):
 
 
 def run_cases(cases: dict, run_case, **extra) -> None:
-    """Worker side: run every case (an exception becomes that case's {"error": traceback}), add the `extra`
-    entries (name -> function returning JSON-able data) and print the results for `worker_results`."""
+    """Worker side: run every case, add the `extra` entries (name -> function returning JSON-able data) and print
+    the results for `worker_results`. An exception becomes that entry's {"error": traceback}, so one broken case
+    fails its own test, not the whole file."""
     results = {}
-    for name, spec in cases.items():
+    runs = {name: (lambda spec=spec: run_case(spec)) for name, spec in cases.items()} | extra
+    for name, fn in runs.items():
         try:
-            results[name] = run_case(spec)
+            results[name] = fn()
         except Exception:
             results[name] = {"error": traceback.format_exc()}
-    for name, fn in extra.items():
-        results[name] = fn()
     print("RESULTS " + json.dumps(results))
 
 
